@@ -1,0 +1,108 @@
+"""Shared fixtures: child-process reaping, free ports, and the GPU marker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing means no GPU either
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ProcessGroup:
+    """Starts child processes in their own sessions and kills every one of them (and
+    their descendants) at teardown, so no test leaves a process behind."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], env: dict | None = None, **kwargs) -> subprocess.Popen:
+        full_env = dict(os.environ)
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+        if env:
+            full_env.update(env)
+        proc = subprocess.Popen(args, env=full_env, start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def python(self, module: str, *args: str, **kwargs) -> subprocess.Popen:
+        return self.start([sys.executable, "-m", module, *args], **kwargs)
+
+    def kill(self, proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def reap(self, timeout: float = 10.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            # Descendants that escaped the group (or a group leader already gone).
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+@pytest.fixture
+def processes():
+    group = ProcessGroup()
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    try:
+        yield group
+    finally:
+        group.reap()
+        leaked = [
+            p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()
+        ]
+        for p in leaked:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(leaked, timeout=5)
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
