@@ -1,0 +1,130 @@
+"""``join-swarm``: give coldswarm one command and a GPU (or a CPU) and walk away."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from coldswarm.worker.progress import setup_logging
+
+DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coldswarm" / "worker"
+
+EPILOG = """\
+examples:
+  join-swarm --coordinator coord.example.org:50051 --token $JOIN_TOKEN
+  join-swarm --coordinator 127.0.0.1:50051 --data ~/my-instructions --device cuda
+  COLDSWARM_TOKEN=... join-swarm --coordinator coord:50051 --ca-file coord-ca.pem
+
+The worker registers, takes fusion (PEFT instruction shard) or pretrain (UL2 MoD over
+hivemind) assignments, uploads what it produced, and repeats. Ctrl-C (or SIGTERM) stops at
+the next step boundary, uploads nothing partial and tells the coordinator; a second Ctrl-C
+exits at once. Versions, the saved session and unfinished uploads live in --work-dir, so a
+restarted worker resumes where it was.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="join-swarm",
+        description="Join a coldswarm coordinator as a worker.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
+    p.add_argument(
+        "--token",
+        default=os.environ.get("COLDSWARM_TOKEN"),
+        help="join token from the coordinator's admin (default: $COLDSWARM_TOKEN)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="your own data: instruction files (FLAN, Alpaca, ShareGPT or chat JSONL) and pretraining "
+        "text (.txt, .jsonl, .parquet); default: the embedded default tasks and corpus",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=DEFAULT_WORK_DIR,
+        metavar="DIR",
+        help="cache and state (default: %(default)s)",
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: auto)"
+    )
+    p.add_argument("--name", default="", help="label shown to the coordinator's admin (default: host name)")
+    p.add_argument(
+        "--ca-file", type=Path, default=None, help="CA certificate when the coordinator serves TLS"
+    )
+    p.add_argument("--max-assignments", type=int, default=0, help="exit after N assignments (default: never)")
+    p.add_argument(
+        "--exit-when-idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="exit after this long with no work offered (default: wait forever)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "plain", "json"],
+        help="auto: human with progress bars on a terminal, JSON lines otherwise",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    log = logging.getLogger("coldswarm.worker")
+    if not args.token:
+        print(
+            "join-swarm: no token: pass --token or set COLDSWARM_TOKEN (ask the coordinator's admin for one)",
+            file=sys.stderr,
+        )
+        return 2
+    if args.data is not None and not args.data.is_dir():
+        print(f"join-swarm: --data {args.data} is not a directory", file=sys.stderr)
+        return 2
+
+    from coldswarm.worker.daemon import Worker, WorkerConfig
+
+    config = WorkerConfig(
+        coordinator=args.coordinator,
+        token=args.token,
+        work_dir=args.work_dir,
+        data_dir=args.data,
+        device=args.device,
+        name=args.name,
+        ca_file=args.ca_file,
+        max_assignments=args.max_assignments,
+        exit_when_idle_s=args.exit_when_idle,
+    )
+    try:
+        worker = Worker(config)
+    except ValueError as exc:
+        print(f"join-swarm: {exc}", file=sys.stderr)
+        return 2
+    worker.install_signal_handlers()
+    import grpc
+
+    try:
+        return worker.run()
+    except grpc.RpcError as exc:
+        code = exc.code()
+        hint = {
+            grpc.StatusCode.UNAUTHENTICATED: "the token was not accepted: ask the admin for a valid join token",
+            grpc.StatusCode.PERMISSION_DENIED: "the token may not do this: use a join token, not an admin token",
+        }.get(code, "see the coordinator's log")
+        log.error("coordinator refused: %s: %s (%s)", code.name, exc.details(), hint)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The worker's connection to the coordinator: auth metadata, TLS, and retries.
+
+Every call goes through :meth:`CoordinatorClient.call`, which retries the
+failures that mean "the coordinator is away" (UNAVAILABLE, DEADLINE_EXCEEDED)
+with exponential backoff and jitter until it answers or the worker is told to
+stop, and raises everything else (a refusal is an answer, not an outage).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+
+from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
+from coldswarm.worker.backoff import Backoff
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Version files and uploads are large; gRPC's 4 MiB default message cap is not the limit we want.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+class Stopped(Exception):
+    """The worker was asked to stop while waiting for the coordinator."""
+
+
+def open_channel(address: str, ca_file: Path | None = None) -> grpc.Channel:
+    """A channel to ``HOST:PORT``; TLS when ``ca_file`` names the CA that signed the coordinator's cert."""
+    if ca_file is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    try:
+        root = Path(ca_file).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the CA file {ca_file}: {exc}") from exc
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), CHANNEL_OPTIONS)
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    return [("authorization", f"Bearer {token}")]
+
+
+class CoordinatorClient:
+    """WorkerService calls with the current token and retry-on-outage."""
+
+    def __init__(
+        self,
+        address: str,
+        token: str,
+        *,
+        ca_file: Path | None = None,
+        stop: threading.Event | None = None,
+        backoff: Backoff | None = None,
+        call_timeout_s: float = 30.0,
+    ):
+        self.address = address
+        self.token = token
+        self.channel = open_channel(address, ca_file)
+        self.stub = pb_grpc.WorkerServiceStub(self.channel)
+        self.stop = stop or threading.Event()
+        self.backoff = backoff or Backoff()
+        self.call_timeout_s = call_timeout_s
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return bearer(self.token)
+
+    def call(self, method: str, request, *, retry: bool = True, timeout: float | None = None):
+        """Call a unary WorkerService method; on an outage wait and try again (if ``retry``)."""
+        fn: Callable = getattr(self.stub, method)
+        return self.retrying(
+            lambda: fn(request, metadata=self.metadata, timeout=timeout or self.call_timeout_s),
+            what=method,
+            retry=retry,
+        )
+
+    def retrying(self, attempt: Callable, *, what: str, retry: bool = True):
+        while True:
+            try:
+                result = attempt()
+                self.backoff.reset()
+                return result
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if not retry or code not in TRANSIENT:
+                    raise
+                delay = self.backoff.next_delay()
+                log.warning(
+                    "coordinator %s unreachable for %s (%s); retrying in %.1fs",
+                    self.address,
+                    what,
+                    code.name if code else "error",
+                    delay,
+                )
+                if self.stop.wait(delay):
+                    raise Stopped(f"stopped while waiting for the coordinator ({what})") from exc
+
+    def stream(self, method: str, request, timeout: float | None = None) -> Iterator:
+        """A server-streaming call (no retry here: the caller resumes from its own offset)."""
+        return getattr(self.stub, method)(request, metadata=self.metadata, timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def rpc_message(exc: grpc.RpcError) -> str:
+    """``CODE: details`` for a log line or an error a person reads."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    return f"{code.name if code else 'ERROR'}: {details}"

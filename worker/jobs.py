@@ -1,0 +1,43 @@
+"""What every kind of assignment receives and returns, so the daemon can run any of them."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.worker.progress import Progress
+
+
+class Cancelled(Exception):
+    """The job stopped at a step boundary because the worker is stopping or the round closed."""
+
+
+@dataclass
+class JobContext:
+    assignment: pb.Assignment
+    version_dir: Path
+    """The base version, downloaded and verified."""
+    scratch_dir: Path
+    """This assignment's own folder for intermediate files; removed when the assignment ends."""
+    data_dir: Path | None
+    """The volunteer's own data (``--data``), or None for the embedded default."""
+    device: str
+    progress: Progress
+    cancel: threading.Event
+    """Set when the worker must stop: check it at every step boundary and raise :class:`Cancelled`."""
+    dht_initial_peers: list[str] = field(default_factory=list)
+
+    def check_cancel(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled("stopped at a step boundary")
+
+
+@dataclass
+class JobResult:
+    payload: Path | None = None
+    """An encoded contribution to upload (fusion jobs); None when nothing is uploaded (pretrain)."""
+    codec: str = "none"
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
