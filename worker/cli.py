@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="join token from the coordinator's admin (default: $COLDSWARM_TOKEN)",
     )
     p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read the join token from FILE instead (keeps it out of the process list)",
+    )
+    p.add_argument(
         "--data",
         type=Path,
         default=None,
@@ -83,9 +90,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     log = logging.getLogger("coldswarm.worker")
+    if args.token_file is not None:
+        try:
+            args.token = args.token_file.read_text().strip()
+        except OSError as exc:
+            print(f"join-swarm: cannot read --token-file {args.token_file}: {exc}", file=sys.stderr)
+            return 2
     if not args.token:
         print(
-            "join-swarm: no token: pass --token or set COLDSWARM_TOKEN (ask the coordinator's admin for one)",
+            "join-swarm: no token: pass --token or --token-file, or set COLDSWARM_TOKEN (ask the coordinator's admin for one)",
             file=sys.stderr,
         )
         return 2
