@@ -1,0 +1,366 @@
+"""``coldswarm-local``: the whole loop on one machine (what ``make demo`` runs).
+
+Starts a coordinator and N ``join-swarm`` workers as separate processes on
+loopback with the embedded default model, then runs one pretrain round (UL2
+MoD over hivemind) and fusion rounds (each worker on its own instruction
+shard, merged with the configured method), printing a table after each round.
+Ctrl-C stops everything; no process is left running.
+
+The processes are started with the same console scripts and flags that
+``compose.yaml`` runs in containers (:func:`coordinator_command`,
+:func:`worker_command`); a test keeps the two from drifting apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
+
+
+@dataclass
+class LocalClusterConfig:
+    """What ``coldswarm-local`` runs; every field is a flag."""
+
+    workers: int = field(default=2, metadata={"help": "join-swarm worker processes"})
+    run_dir: Path = field(
+        default=Path("runs/local"), metadata={"help": "where the coordinator and workers keep state"}
+    )
+    pretrain_rounds: int = field(default=1, metadata={"help": "UL2 MoD pretrain rounds over hivemind"})
+    fusion_rounds: int = field(
+        default=2, metadata={"help": "ColD-Fusion rounds (each worker one instruction shard)"}
+    )
+    method: str = field(default="fisher", metadata={"help": "merge method of fusion rounds"})
+    peft: str = field(default="lora", metadata={"help": "lora, ia3 or full"})
+    fusion_steps: int = field(default=60, metadata={"help": "finetuning steps per worker per fusion round"})
+    pretrain_epochs: int = field(default=3, metadata={"help": "swarm optimizer epochs per pretrain round"})
+    target_batch_size: int = field(default=32, metadata={"help": "samples per swarm optimizer epoch"})
+    evaluator: str = field(
+        default="coldswarm.lm.evaluate:evaluate_quick",
+        metadata={"help": "module:function the coordinator evaluates each version with ('' for none)"},
+    )
+    round_timeout_s: float = field(default=900.0, metadata={"help": "give up on a round after this long"})
+    fresh: bool = field(default=True, metadata={"help": "start from an empty run dir (--no-fresh resumes)"})
+    keep_serving: bool = field(
+        default=False, metadata={"help": "keep the coordinator running at the end until Ctrl-C"}
+    )
+
+    @property
+    def coordinator_dir(self) -> Path:
+        return self.run_dir / "coordinator"
+
+    @property
+    def join_token_file(self) -> Path:
+        return self.coordinator_dir / "join.token"
+
+    def fusion_options(self) -> dict:
+        return {"peft_method": self.peft, "steps": self.fusion_steps, "statistics": ["fisher", "regmean"]}
+
+    def pretrain_options(self) -> dict:
+        return {"epochs": self.pretrain_epochs, "target_batch_size": self.target_batch_size}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def console_script(name: str) -> str:
+    """The console script installed beside this interpreter (a venv's bin/), else on PATH."""
+    beside = Path(sys.executable).parent / name
+    if beside.exists():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is not installed: run `make demo` or `pip install -e .` first")
+    return found
+
+
+def coordinator_command(
+    data_dir: Path, listen: str, dht_listen: str, join_token_file: Path, extra=()
+) -> list[str]:
+    return [
+        "coldswarm-coordinator",
+        "serve",
+        f"--data-dir={data_dir}",
+        f"--listen={listen}",
+        f"--dht-listen={dht_listen}",
+        f"--join-token-file={join_token_file}",
+        *extra,
+    ]
+
+
+def worker_command(coordinator: str, token_file: Path, work_dir: Path, device: str, extra=()) -> list[str]:
+    return [
+        "join-swarm",
+        f"--coordinator={coordinator}",
+        f"--token-file={token_file}",
+        f"--work-dir={work_dir}",
+        f"--device={device}",
+        *extra,
+    ]
+
+
+class LocalCluster:
+    def __init__(self, config: LocalClusterConfig):
+        self.config = config
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+        self.admin: pb_grpc.AdminServiceStub | None = None
+        self.metadata: list[tuple[str, str]] = []
+        self.channel: grpc.Channel | None = None
+
+    # -- processes ----------------------------------------------------------------------------
+
+    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen:
+        argv = [console_script(argv[0]), *argv[1:]]
+        log_path = self.config.run_dir / "logs" / f"{log_name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        with open(log_path, "ab") as log:
+            # Own session: Ctrl-C reaches only this launcher, which then stops children in order.
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.fresh and cfg.run_dir.exists():
+            shutil.rmtree(cfg.run_dir)
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        extra = [f"--evaluator={cfg.evaluator}", f"--default-method={cfg.method}"]
+        self._spawn(
+            coordinator_command(
+                cfg.coordinator_dir,
+                self.address,
+                f"/ip4/127.0.0.1/tcp/{free_port()}",
+                cfg.join_token_file,
+                extra,
+            ),
+            "coordinator",
+        )
+        self._wait_for_coordinator()
+        for i in range(cfg.workers):
+            self._spawn(
+                worker_command(
+                    self.address,
+                    cfg.join_token_file,
+                    cfg.run_dir / f"worker-{i}",
+                    "cpu",
+                    [f"--name=local-{i}"],
+                ),
+                f"worker-{i}",
+            )
+        self._wait_for_workers(cfg.workers)
+
+    def _wait_for_coordinator(self, timeout_s: float = 300.0) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        token_path = self.config.coordinator_dir / "admin.token"
+        self.channel = grpc.insecure_channel(self.address)
+        health = health_pb2_grpc.HealthStub(self.channel)
+        deadline = time.monotonic() + timeout_s
+        print(f"starting coordinator on {self.address} (building version 0 on first start) ...", flush=True)
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING and token_path.exists():
+                    self.metadata = [("authorization", f"Bearer {token_path.read_text().strip()}")]
+                    self.admin = pb_grpc.AdminServiceStub(self.channel)
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"the coordinator did not become healthy in {timeout_s:.0f}s; see {self._log('coordinator')}"
+        )
+
+    def _wait_for_workers(self, n: int, timeout_s: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            workers = self.admin.ListWorkers(pb.ListWorkersRequest(), metadata=self.metadata).workers
+            if len([w for w in workers if w.state != "gone"]) >= n:
+                print(f"{n} worker(s) registered", flush=True)
+                return
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"workers did not register in {timeout_s:.0f}s; see {self.config.run_dir / 'logs'}"
+        )
+
+    def _log(self, name: str) -> Path:
+        return self.config.run_dir / "logs" / f"{name}.log"
+
+    def _check_alive(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    f"{Path(proc.args[0]).name} exited with status {proc.returncode}; see {self.config.run_dir / 'logs'}"
+                )
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # workers first, so they can say goodbye
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if proc.poll() is None:
+                proc.wait(timeout=5)
+        if self.channel is not None:
+            self.channel.close()
+
+    # -- rounds -------------------------------------------------------------------------------
+
+    def run_round(self, kind: str) -> pb.Version:
+        cfg = self.config
+        options = cfg.fusion_options() if kind == "fusion" else cfg.pretrain_options()
+        request = pb.OpenRoundRequest(
+            kind=kind,
+            quorum=cfg.workers,
+            deadline_s=cfg.round_timeout_s,
+            method=cfg.method if kind == "fusion" else "",
+            options_json=json.dumps(options),
+        )
+        opened = self.admin.OpenRound(request, metadata=self.metadata)
+        print(f"round {opened.id} ({kind}) open on version {opened.base_version} ...", flush=True)
+        deadline = time.monotonic() + cfg.round_timeout_s + 60
+        while time.monotonic() < deadline:
+            self._check_alive()
+            rounds = self.admin.ListRounds(pb.ListRoundsRequest(), metadata=self.metadata).rounds
+            current = next(r for r in rounds if r.id == opened.id)
+            if current.state == "published" and current.HasField("result_version"):
+                return self.admin.GetVersion(
+                    pb.GetVersionRequest(version=str(current.result_version)), metadata=self.metadata
+                )
+            if current.state in ("failed", "cancelled"):
+                raise RuntimeError(f"round {current.id} {current.state}: {current.error}")
+            time.sleep(1.0)
+        raise TimeoutError(f"round {opened.id} did not finish in {cfg.round_timeout_s:.0f}s")
+
+    def version(self, ref: str) -> pb.Version:
+        return self.admin.GetVersion(pb.GetVersionRequest(version=ref), metadata=self.metadata)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def summarise(version: pb.Version) -> dict:
+    """One table row from a version's manifest."""
+    manifest = json.loads(version.manifest_json or "{}")
+    metrics = manifest.get("metrics", {})
+    mod = metrics.get("mod_loss")
+    mod_mean = sum(mod.values()) / len(mod) if isinstance(mod, dict) and mod else mod
+    return {
+        "version": version.number,
+        "round": manifest.get("kind", version.method),
+        "method": version.method,
+        "contributions": len(manifest.get("contributions", [])),
+        "mod_loss": mod_mean,
+        "seen_em": metrics.get("seen_exact_match"),
+        "heldout_em": metrics.get("heldout_exact_match"),
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    headers = ["version", "round", "method", "contributions", "mod_loss", "seen_em", "heldout_em"]
+    cells = [[_fmt(r.get(h)) for h in headers] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    sys.stdout.flush()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coldswarm-local",
+        description="Run a coordinator and N workers on this machine through pretrain and fusion rounds.",
+    )
+    defaults = LocalClusterConfig()
+    for f in LocalClusterConfig.__dataclass_fields__.values():
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if isinstance(default, bool):
+            p.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"]
+            )
+        else:
+            p.add_argument(
+                flag, type=type(default), default=default, help=f"{f.metadata['help']} (default: {default})"
+            )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    config = LocalClusterConfig(**vars(args))
+    cluster = LocalCluster(config)
+    rows: list[dict] = []
+    try:
+        cluster.start()
+        rows.append(summarise(cluster.version("latest")))
+        print_table(rows)
+        for kind in ["pretrain"] * config.pretrain_rounds + ["fusion"] * config.fusion_rounds:
+            rows.append(summarise(cluster.run_round(kind)))
+            print()
+            print_table(rows)
+        latest = cluster.version("latest")
+        path = config.coordinator_dir.resolve()
+        print(f"\nlatest version: {latest.number} (stored under {path})")
+        print("download it while a coordinator serves that data dir:")
+        print(f"  coldswarm-coordinator serve --data-dir {path} &")
+        print(
+            f"  coldswarm-admin --token-file {path / 'admin.token'} download latest --out ./coldswarm-v{latest.number}"
+        )
+        if config.keep_serving:
+            print(f"\ncoordinator serving on {cluster.address}; Ctrl-C to stop")
+            while True:
+                cluster._check_alive()
+                time.sleep(1)
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the cluster", file=sys.stderr)
+        return 130
+    except (RuntimeError, TimeoutError, FileNotFoundError, grpc.RpcError) as exc:
+        print(f"coldswarm-local: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
