@@ -1,0 +1,71 @@
+"""Device choices: CPU paths run everywhere; CUDA paths (bf16, 8-bit AdamW, 4-bit loading) need a GPU."""
+
+import pytest
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from coldswarm.worker.devices import autocast, load_seq2seq, make_optimizer
+
+
+def tiny_t5(tmp_path):
+    config = T5Config(
+        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def train_step(model, device):
+    opt = make_optimizer(model.parameters(), device, lr=1e-3)
+    batch = {
+        "input_ids": torch.randint(2, 128, (2, 8), device=device),
+        "labels": torch.randint(2, 128, (2, 4), device=device),
+    }
+    with autocast(device):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    return opt, loss
+
+
+def test_cpu_uses_fp32_and_torch_adamw(tmp_path):
+    model = load_seq2seq(tiny_t5(tmp_path), "cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    opt, loss = train_step(model, "cpu")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert torch.isfinite(loss)
+
+
+def test_4bit_needs_cuda(tmp_path):
+    with pytest.raises(ValueError, match="CUDA"):
+        load_seq2seq(tiny_t5(tmp_path), "cpu", load_in_4bit=True)
+
+
+def test_nothing_to_train_is_a_clear_error():
+    p = torch.nn.Parameter(torch.zeros(2), requires_grad=False)
+    with pytest.raises(ValueError, match="nothing to train"):
+        make_optimizer([p], "cpu", lr=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_and_8bit_adamw(tmp_path):
+    import bitsandbytes as bnb
+
+    model = load_seq2seq(tiny_t5(tmp_path), "cuda")
+    opt, loss = train_step(model, "cuda")
+    assert isinstance(opt, bnb.optim.AdamW8bit)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.gpu
+def test_cuda_4bit_base_with_lora(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = load_seq2seq(tiny_t5(tmp_path), "cuda", load_in_4bit=True)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    train_step(model, "cuda")
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert changed, "LoRA weights on a 4-bit base did not train"
