@@ -1,0 +1,267 @@
+"""Merge methods against closed forms, hand-worked examples and order invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coldswarm.fusion.errors import MergeConfigError, MergeError
+from coldswarm.fusion.methods import (
+    METHODS,
+    DareConfig,
+    FisherConfig,
+    RegMeanConfig,
+    TensorInputs,
+    TiesConfig,
+    TrimmedMeanConfig,
+    get_method,
+)
+from coldswarm.fusion.screening import ScreenConfig, screen_norms
+
+
+def inputs(base, thetas, weights=None, **kw) -> TensorInputs:
+    n = len(thetas)
+    w = torch.full((n,), 1.0 / n) if weights is None else torch.tensor(weights, dtype=torch.float32)
+    w = w / w.sum()
+    return TensorInputs(
+        name=kw.pop("name", "layer.weight"),
+        base=base,
+        thetas=thetas,
+        weights=w,
+        keys=kw.pop("keys", [f"c{i}" for i in range(n)]),
+        **kw,
+    )
+
+
+def test_registry_entries_are_complete():
+    assert set(METHODS) == {
+        "average",
+        "fisher",
+        "regmean",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "median",
+        "trimmed_mean",
+    }
+    for name, m in METHODS.items():
+        assert m.name == name
+        assert m.paper.startswith("https://arxiv.org/abs/")
+        assert m.summary
+        m.make_config({})  # defaults are valid
+
+
+def test_unknown_method_and_option_errors_name_the_choices():
+    with pytest.raises(MergeConfigError, match="choose one of"):
+        get_method("mean")
+    with pytest.raises(MergeConfigError, match="no option"):
+        METHODS["ties"].make_config({"densty": 0.3})
+    with pytest.raises(MergeConfigError, match="density"):
+        METHODS["ties"].make_config({"density": 0})
+    with pytest.raises(MergeConfigError, match="combination"):
+        DareConfig(combination="max")
+    with pytest.raises(MergeConfigError, match="alpha"):
+        RegMeanConfig(alpha=2)
+    with pytest.raises(MergeConfigError, match="eps"):
+        FisherConfig(eps=0)
+    with pytest.raises(MergeConfigError, match="trim"):
+        TrimmedMeanConfig(trim=0.5)
+
+
+def test_average_weighted():
+    base = torch.zeros(4)
+    a, b = torch.ones(4), torch.full((4,), 4.0)
+    out = METHODS["average"](inputs(base, [a, b], weights=[3, 1]))
+    torch.testing.assert_close(out, torch.full((4,), 1.75))
+
+
+def test_fisher_equal_fishers_give_the_average():
+    g = torch.Generator().manual_seed(0)
+    thetas = [torch.randn(5, 3, generator=g) for _ in range(3)]
+    f = torch.rand(5, 3, generator=g) + 0.1
+    out = METHODS["fisher"](inputs(torch.zeros(5, 3), thetas, weights=[1, 2, 3], fishers=[f, f, f]))
+    avg = METHODS["average"](inputs(torch.zeros(5, 3), thetas, weights=[1, 2, 3]))
+    torch.testing.assert_close(out, avg)
+
+
+def test_fisher_one_hot_fishers_select_one_model():
+    g = torch.Generator().manual_seed(1)
+    thetas = [torch.randn(6, generator=g) for _ in range(3)]
+    owner = torch.tensor([0, 1, 2, 0, 1, 2])
+    fishers = [(owner == i).float() for i in range(3)]
+    out = METHODS["fisher"](inputs(torch.zeros(6), thetas, fishers=fishers))
+    expected = torch.stack(thetas)[owner, torch.arange(6)]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fisher_missing_everywhere_is_the_average():
+    thetas = [torch.ones(3), 3 * torch.ones(3)]
+    out = METHODS["fisher"](inputs(torch.zeros(3), thetas, fishers=[None, None]))
+    torch.testing.assert_close(out, 2 * torch.ones(3))
+
+
+def test_regmean_recovers_pooled_least_squares():
+    """N datasets of a linear regression; each contribution is its own least-squares fit; RegMean
+    (alpha=1, weights proportional to dataset size) equals least squares on the pooled data."""
+    g = torch.Generator().manual_seed(2)
+    d_in, d_out = 6, 4
+    sizes = [40, 25, 60]
+    xs, ys, ws, grams = [], [], [], []
+    for i, n in enumerate(sizes):
+        x = torch.randn(n, d_in, generator=g, dtype=torch.float64) + 0.3 * i  # different input distributions
+        w_true = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+        y = x @ w_true.T + 0.1 * torch.randn(n, d_out, generator=g, dtype=torch.float64)
+        w_i = torch.linalg.lstsq(x, y).solution.T  # (out, in)
+        xs.append(x)
+        ys.append(y)
+        ws.append(w_i.float())
+        grams.append((x.T @ x / n).float())  # mean of x^T x, as collect_gram stores it
+    x_all, y_all = torch.cat(xs), torch.cat(ys)
+    pooled = torch.linalg.lstsq(x_all, y_all).solution.T.float()
+    out = METHODS["regmean"](
+        inputs(torch.zeros(d_out, d_in), ws, weights=sizes, grams=grams), RegMeanConfig(alpha=1.0)
+    )
+    torch.testing.assert_close(out, pooled, atol=1e-4, rtol=1e-4)
+    # with the default alpha=0.9 it is between the pooled solution and the average, not equal to either
+    out9 = METHODS["regmean"](inputs(torch.zeros(d_out, d_in), ws, weights=sizes, grams=grams))
+    assert not torch.allclose(out9, pooled, atol=1e-3)
+
+
+def test_regmean_non_linear_or_missing_grams_average():
+    thetas = [torch.ones(4), 3 * torch.ones(4)]
+    out = METHODS["regmean"](inputs(torch.zeros(4), thetas, grams=[None, None]))
+    torch.testing.assert_close(out, 2 * torch.ones(4))
+    w = [torch.ones(2, 3), 3 * torch.ones(2, 3)]
+    out = METHODS["regmean"](inputs(torch.zeros(2, 3), w, grams=[torch.eye(3), None]))
+    torch.testing.assert_close(out, 2 * torch.ones(2, 3))
+
+
+def test_regmean_dead_input_dims_take_the_average_and_singular_systems_fail_clearly():
+    g = torch.Generator().manual_seed(3)
+    w = [torch.randn(2, 3, generator=g) for _ in range(2)]
+    gram = torch.diag(torch.tensor([1.0, 2.0, 0.0]))  # input 2 is never non-zero
+    out = METHODS["regmean"](inputs(torch.zeros(2, 3), w, grams=[gram, gram]))
+    torch.testing.assert_close(out[:, 2], (w[0][:, 2] + w[1][:, 2]) / 2)
+    torch.testing.assert_close(out[:, :2], (w[0][:, :2] + w[1][:, :2]) / 2)  # equal Grams -> average
+    # two perfectly collinear inputs with alpha=1: the system is singular
+    v = torch.tensor([1.0, 1.0, 0.5])
+    sing = torch.outer(v, v)
+    with pytest.raises(MergeError, match="ridge"):
+        METHODS["regmean"](inputs(torch.zeros(2, 3), w, grams=[sing, sing]), RegMeanConfig(alpha=1.0))
+    out = METHODS["regmean"](
+        inputs(torch.zeros(2, 3), w, grams=[sing, sing]), RegMeanConfig(alpha=1.0, ridge=1e-3)
+    )
+    assert torch.isfinite(out).all()
+
+
+def test_task_arithmetic_is_scaled_sum_of_deltas():
+    base = torch.ones(3)
+    thetas = [base + torch.tensor([1.0, 0, 0]), base + torch.tensor([0, 2.0, 0])]
+    out = METHODS["task_arithmetic"](
+        inputs(base, thetas), METHODS["task_arithmetic"].make_config({"scaling": 0.5})
+    )
+    torch.testing.assert_close(out, torch.tensor([1.5, 2.0, 1.0]))
+
+
+def test_ties_hand_worked_3x3():
+    t1 = torch.tensor([[1, -2, 0.5], [3, 0.1, -1], [0, 2, -0.2]])
+    t2 = torch.tensor([[-1, -1, 2], [1, 0.3, 0.4], [-3, 0.2, 1]])
+    t3 = torch.tensor([[2, 1, -0.5], [-2, 0.4, 0.1], [1, -1, 0.05]])
+    # density 2/3 keeps 6 of 9 per delta; elected signs from the sum of the trimmed deltas
+    # [[2,-2,2],[2,0,-1],[-2,1,1]]; disjoint means worked by hand:
+    expected = torch.tensor([[1.5, -1.5, 1.25], [2.0, 0.0, -1.0], [-3.0, 2.0, 1.0]])
+    base = torch.full((3, 3), 10.0)
+    out = METHODS["ties"](inputs(base, [base + t for t in (t1, t2, t3)]), TiesConfig(density=2 / 3))
+    torch.testing.assert_close(out, base + expected)
+
+
+def test_dare_expectation_seeding_and_density_one():
+    base = torch.zeros(20000)
+    delta = torch.linspace(-1, 1, 20000)
+    x = inputs(base, [base + delta], name="w")
+    a = METHODS["dare"](x, DareConfig(density=0.3, seed=7))
+    b = METHODS["dare"](x, DareConfig(density=0.3, seed=7))
+    c = METHODS["dare"](x, DareConfig(density=0.3, seed=8))
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    kept = (a != 0).float().mean().item()
+    assert abs(kept - 0.3) < 0.02
+    nz = a != 0
+    torch.testing.assert_close(a[nz], delta[nz] / 0.3)  # survivors rescaled by 1/density
+    # unbiased: the mean over many seeds approaches the delta
+    mean = torch.stack([METHODS["dare"](x, DareConfig(density=0.5, seed=s)) for s in range(200)]).mean(0)
+    assert (mean - delta).abs().mean() < 0.05
+    torch.testing.assert_close(METHODS["dare"](x, DareConfig(density=1.0)), delta)
+    # ties combination with density 1 is the TIES disjoint mean without trimming
+    y = inputs(base[:3], [torch.tensor([1.0, -1, 2]), torch.tensor([3.0, 1, -1])])
+    out = METHODS["dare"](y, DareConfig(density=1.0, combination="ties"))
+    torch.testing.assert_close(out, torch.tensor([2.0, 0.0, 2.0]))  # 1 + -1: no sign, 0
+
+
+def test_median_and_trimmed_mean():
+    thetas = [
+        torch.tensor([1.0, 5.0]),
+        torch.tensor([2.0, -1.0]),
+        torch.tensor([100.0, 0.0]),
+        torch.tensor([3.0, 2.0]),
+    ]
+    torch.testing.assert_close(METHODS["median"](inputs(torch.zeros(2), thetas)), torch.tensor([2.5, 1.0]))
+    torch.testing.assert_close(
+        METHODS["median"](inputs(torch.zeros(2), thetas[:3])), torch.tensor([2.0, 0.0])
+    )
+    out = METHODS["trimmed_mean"](inputs(torch.zeros(2), thetas), TrimmedMeanConfig(trim=0.25))
+    torch.testing.assert_close(out, torch.tensor([2.5, 1.0]))
+    out = METHODS["trimmed_mean"](inputs(torch.zeros(2), thetas), TrimmedMeanConfig(trim=0.0))
+    torch.testing.assert_close(out, torch.tensor([26.5, 1.5]))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    method=st.sampled_from(sorted(METHODS)),
+    n=st.integers(min_value=1, max_value=5),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+    perm_seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_every_method_is_invariant_to_contribution_order(method, n, seed, perm_seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (4, 3)
+    base = torch.randn(shape, generator=g)
+    thetas = [base + torch.randn(shape, generator=g) for _ in range(n)]
+    weights = (torch.rand(n, generator=g) + 0.1).tolist()
+    fishers = [torch.rand(shape, generator=g) for _ in range(n)]
+    grams = []
+    for _ in range(n):
+        x = torch.randn(10, 3, generator=g)
+        grams.append(x.T @ x / 10)
+    keys = [f"contribution-{i}" for i in range(n)]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(perm_seed)).tolist()
+
+    def run(order):
+        x = inputs(
+            base,
+            [thetas[i] for i in order],
+            weights=[weights[i] for i in order],
+            fishers=[fishers[i] for i in order],
+            grams=[grams[i] for i in order],
+            keys=[keys[i] for i in order],
+        )
+        return METHODS[method](x)
+
+    torch.testing.assert_close(run(list(range(n))), run(perm), atol=1e-5, rtol=1e-5)
+
+
+def test_screen_norms_flag_clip_drop():
+    norms = {"a": 1.0, "b": 1.2, "c": 0.9, "d": 10.0}
+    flag = screen_norms(norms, ScreenConfig(action="flag", threshold=3))
+    assert [k for k, d in flag.items() if d.outlier] == ["d"] and flag["d"].factor == 1.0
+    clip = screen_norms(norms, ScreenConfig(action="clip", threshold=3))
+    assert clip["d"].action == "clip"
+    assert clip["d"].factor == pytest.approx(3 * 1.1 / 10.0)  # median of 4 = 1.1
+    drop = screen_norms(norms, ScreenConfig(action="drop"))
+    assert drop["d"].factor == 0.0 and drop["a"].action == "keep"
+    few = screen_norms({"a": 1.0, "b": 100.0}, ScreenConfig(action="drop"))
+    assert not any(d.outlier for d in few.values())
+    with pytest.raises(MergeConfigError):
+        ScreenConfig(action="ban")
