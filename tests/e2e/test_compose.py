@@ -1,0 +1,63 @@
+"""compose.yaml runs the same entry points, with the same flags, as coldswarm-local."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from coldswarm.coordinator import local_cluster
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def compose():
+    return yaml.safe_load((REPO / "compose.yaml").read_text())
+
+
+def flag_names(argv):
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--")]
+
+
+def test_coordinator_service_matches_local_cluster(compose):
+    command = compose["services"]["coordinator"]["command"]
+    local = local_cluster.coordinator_command(Path("/d"), "h:1", "/ip4/0.0.0.0/tcp/1", Path("/d/j"))
+    assert command[:2] == local[:2] == ["coldswarm-coordinator", "serve"]
+    assert flag_names(command) == flag_names(local)
+
+
+def test_worker_service_matches_local_cluster(compose):
+    command = compose["services"]["worker"]["command"]
+    local = local_cluster.worker_command("h:1", Path("/t"), Path("/w"), "cpu")
+    assert command[0] == local[0] == "join-swarm"
+    assert flag_names(command) == flag_names(local)
+
+
+def test_compose_commands_parse_with_the_real_entry_points(compose):
+    from coldswarm.coordinator import admin_cli, cli
+    from coldswarm.worker import cli as worker_cli
+
+    cli.build_parser().parse_args(compose["services"]["coordinator"]["command"][1:])
+    worker_cli.build_parser().parse_args(compose["services"]["worker"]["command"][1:])
+    admin = compose["services"]["admin"]
+    admin_cli.build_parser().parse_args(admin["entrypoint"][1:] + admin["command"])
+    health = compose["services"]["coordinator"]["healthcheck"]["test"]
+    assert health[:3] == ["CMD", "coldswarm-coordinator", "health"]
+    cli.build_parser().parse_args(health[2:])
+
+
+def test_worker_service_is_scalable(compose):
+    worker = compose["services"]["worker"]
+    assert "container_name" not in worker and "ports" not in worker, (
+        "--scale needs no fixed names or host ports"
+    )
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="Debian's docker-compose is not installed")
+def test_docker_compose_config_accepts_the_file():
+    result = subprocess.run(
+        ["docker-compose", "-f", str(REPO / "compose.yaml"), "config", "-q"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
