@@ -274,7 +274,7 @@ class MoDCollator:
         self.chunk_lengths = np.array(
             [
                 chunk_length(d, self.config.inputs_length, len(m), self.config.max_spans)
-                for d, m in zip(self.denoisers, self.modes)
+                for d, m in zip(self.denoisers, self.modes, strict=True)
             ]
         )
         if (self.chunk_lengths < 2).any():
@@ -334,7 +334,9 @@ class MoDCollator:
             idx = self.choose(len(chunks))
         else:
             idx = np.full(len(chunks), self.denoiser_index(denoiser))
-        return self.collate_examples([self.example(c, int(i)) for c, i in zip(chunks, idx)], return_tensors)
+        return self.collate_examples(
+            [self.example(c, int(i)) for c, i in zip(chunks, idx, strict=True)], return_tensors
+        )
 
     def iter_examples(
         self, docs: Iterable[Sequence[int]], denoiser: str | None = None
