@@ -1,0 +1,148 @@
+"""The coordinator's state and handlers, wired together (no gRPC here).
+
+:class:`Coordinator` owns the database, the blob store and the managers built
+over them; the gRPC servicers (:mod:`coldswarm.coordinator.service`) call into
+it, and tests may call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from coldswarm.coordinator.auth import Auth
+from coldswarm.coordinator.blobs import BlobStore
+from coldswarm.coordinator.config import CoordinatorConfig
+from coldswarm.coordinator.rounds import RoundManager
+from coldswarm.coordinator.store import Store
+from coldswarm.coordinator.uploads import UploadManager
+from coldswarm.coordinator.versions import VersionRow, VersionStore
+from coldswarm.coordinator.workers import WorkerRegistry
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(Exception):
+    """The coordinator cannot start with this configuration; the message says what to change."""
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        os.chmod(data, 0o700)  # tokens, contributions: nobody else's business
+        self.store = Store(data / "state.sqlite")
+        self.blobs = BlobStore(data)
+        self.auth = Auth(self.store, config.admin_token_path)
+        self.versions = VersionStore(self.store, self.blobs, data / "versions")
+        self.workers = WorkerRegistry(self.store, self.auth, config.worker_gone_after_s)
+        self.rounds = RoundManager(self.store, self.blobs, self.versions, self.workers, config)
+        self.uploads = UploadManager(
+            self.store,
+            self.blobs,
+            self.versions,
+            self.rounds,
+            data / "uploads",
+            config.max_upload_bytes,
+            config.chunk_bytes,
+        )
+        self.started_at = time.time()
+        self._stop = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    # -- first start ----------------------------------------------------------------------
+
+    def init_state(self) -> str | None:
+        """Admin token and version 0, when missing. Returns a newly made admin token, else None."""
+        token = self.auth.ensure_admin_token()
+        self.ensure_version0()
+        return token
+
+    def ensure_version0(self) -> VersionRow | None:
+        if self.versions.count():
+            if self.config.base_model is not None:
+                log.info(
+                    "the state already has versions; --base-model %s is not used", self.config.base_model
+                )
+            return None
+        if self.config.base_model is not None:
+            return self.create_version0(self.config.base_model)
+        try:
+            from coldswarm.lm.default import build_default_version
+        except ImportError:
+            raise ConfigError(
+                "there is no version 0 yet and the embedded default model (coldswarm.lm.default) is not "
+                "available: pass --base-model DIR, an HF model directory with safetensors weights"
+            ) from None
+        work = self.blobs.temp_dir(prefix="default-")
+        try:
+            out = work / "model"
+            build_default_version(out, size="tiny")
+            return self.create_version0(out, method="init")
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def create_version0(self, model_dir: Path, method: str = "init") -> VersionRow:
+        """Record ``model_dir`` as version 0 and publish it."""
+        if self.versions.count():
+            from coldswarm.coordinator.errors import FailedPrecondition
+
+            raise FailedPrecondition("version 0 exists already; later versions come from rounds")
+        row = self.versions.create(
+            Path(model_dir),
+            parent=None,
+            round_id=None,
+            kind="init",
+            method=method,
+            publish=True,
+            extra={"source": str(Path(model_dir).resolve())},
+        )
+        log.info("version 0 created from %s", model_dir)
+        return row
+
+    def uptime(self) -> float:
+        return time.time() - self.started_at
+
+    # -- running --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover from a kill, then start the merge thread and the ticker."""
+        self.recover()
+        self.rounds.start()
+        self._ticker = threading.Thread(target=self._tick_loop, name="coldswarm-tick", daemon=True)
+        self._ticker.start()
+
+    def recover(self) -> None:
+        """Remove what a killed process left half-done: temp files, orphan blobs, stale uploads."""
+        self.blobs.sweep_temp()
+        self.uploads.recover()
+        referenced = {r[0] for r in self.store.all("SELECT sha256 FROM version_files")}
+        referenced |= {r[0] for r in self.store.all("SELECT sha256 FROM contributions")}
+        for sha in self.blobs.all() - referenced:
+            # Only a kill between "blob stored" and "row committed" makes these.
+            log.info("removing blob %s that no row refers to", sha)
+            self.blobs.delete(sha)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.config.tick_s):
+            try:
+                self.workers.flush()
+                self.rounds.tick()
+            except Exception:  # a bad tick must not end the loop
+                log.exception("tick failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.rounds.stop()
+        try:
+            self.workers.flush()
+        except Exception:
+            log.exception("flushing heartbeats at stop failed")
+        if self._ticker is not None:
+            self._ticker.join(timeout=5)
+        self.store.close()

@@ -1,0 +1,79 @@
+"""``coldswarm-coordinator``: run the coordinator.
+
+    coldswarm-coordinator serve [--data-dir DIR] [--listen HOST:PORT] [--tls-cert F --tls-key F]
+                                [--base-model DIR] [...]
+    coldswarm-coordinator init  [--data-dir DIR] [--base-model DIR]
+
+``init`` makes the admin token and version 0 and exits; ``serve`` does the same
+when needed and then serves until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from coldswarm.coordinator.app import ConfigError, Coordinator
+from coldswarm.coordinator.config import add_arguments, from_args
+from coldswarm.coordinator.errors import CoordinatorError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coldswarm-coordinator", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the coordinator (initialises the state on first start)")
+    add_arguments(serve)
+    serve.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    init = sub.add_parser("init", help="make the admin token and version 0, then exit")
+    add_arguments(init)
+    init.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = from_args(args)
+    except ValueError as exc:
+        print(f"coldswarm-coordinator: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "init":
+            app = Coordinator(config)
+            token = app.init_state()
+            print(f"state in {config.data_dir}; version {app.versions.current()} is published")
+            if token:
+                print(f"admin token written to {config.admin_token_path} (readable only by you)")
+            app.stop()
+            return 0
+        from coldswarm.coordinator.server import start_server
+
+        running = start_server(config)
+    except (ConfigError, CoordinatorError) as exc:
+        print(f"coldswarm-coordinator: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"coldswarm-coordinator: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"coldswarm coordinator serving on {running.address}{' (TLS)' if config.tls_cert else ''}; "
+        f"data in {config.data_dir}",
+        flush=True,
+    )
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    running.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

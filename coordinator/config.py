@@ -1,0 +1,118 @@
+"""The coordinator's configuration: one typed dataclass, every field with its help.
+
+``coldswarm-coordinator serve`` builds its flags from these fields (see
+:func:`add_arguments`), so the help text lives in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1024 * 1024
+
+
+def _opt(default, help: str):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class CoordinatorConfig:
+    """Settings of one coordinator. Paths are resolved against the working directory."""
+
+    data_dir: Path = _opt(
+        Path("coldswarm-data"),
+        "Where the coordinator keeps its state (SQLite), blobs, versions and admin token.",
+    )
+    listen: str = _opt("127.0.0.1:50051", "HOST:PORT to serve gRPC on (port 0 picks a free one).")
+    tls_cert: Path | None = _opt(None, "PEM certificate of this server; with --tls-key turns on TLS.")
+    tls_key: Path | None = _opt(None, "PEM private key matching --tls-cert.")
+    base_model: Path | None = _opt(
+        None,
+        "An HF model directory (safetensors weights) to become version 0 when the state has no "
+        "version yet. Without it the embedded default (coldswarm.lm) is used when installed.",
+    )
+    threads: int = _opt(64, "gRPC worker threads (each in-flight RPC holds one).")
+    max_upload_bytes: int = _opt(
+        2048 * MiB, "Largest contribution payload accepted; larger uploads get RESOURCE_EXHAUSTED."
+    )
+    chunk_bytes: int = _opt(1 * MiB, "Bytes per chunk in downloads, and the most accepted per upload chunk.")
+    heartbeat_interval_s: float = _opt(10.0, "How often workers are told to heartbeat.")
+    worker_gone_after_s: float = _opt(
+        60.0, "A worker not heard from for this long is shown as gone and its assignment freed."
+    )
+    default_quorum: int = _opt(2, "Contributions that close a fusion round when the round names none.")
+    default_deadline_s: float = _opt(3600.0, "Seconds a round stays open when the round names no deadline.")
+    default_method: str = _opt("average", "Merge method of fusion rounds that name none.")
+    auto_publish: bool = _opt(
+        True, "Publish a round's merged version at once (else it stays a candidate until `publish`)."
+    )
+    evaluator: str = _opt(
+        "",
+        "Optional 'module:function' called as function(version_dir) -> metrics dict after a merge "
+        "(e.g. an evaluator from coldswarm.lm). Empty: no evaluation.",
+    )
+    dht_peers: list[str] = _opt([], "Multiaddrs of the swarm's DHT bootstrap peers handed to workers.")
+    merge_delay_s: float = _opt(
+        0.0,
+        "Testing only: sleep this long inside every merge, after the merged weights are written "
+        "and before the version is recorded (env COLDSWARM_TEST_MERGE_DELAY_S), so a test can "
+        "kill the coordinator mid-merge.",
+    )
+    tick_s: float = _opt(1.0, "How often deadlines are checked and heartbeats flushed to the state.")
+
+    def __post_init__(self):
+        self.data_dir = Path(self.data_dir)
+        if self.tls_cert is not None:
+            self.tls_cert = Path(self.tls_cert)
+        if self.tls_key is not None:
+            self.tls_key = Path(self.tls_key)
+        if self.base_model is not None:
+            self.base_model = Path(self.base_model)
+        if not self.merge_delay_s:
+            self.merge_delay_s = float(os.environ.get("COLDSWARM_TEST_MERGE_DELAY_S", "0") or 0)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key (or neither)")
+
+    @property
+    def admin_token_path(self) -> Path:
+        return self.data_dir / "admin.token"
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per config field, with the field's help and default."""
+    for f in dataclasses.fields(CoordinatorConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = None
+        help_text = f.metadata.get("help", "")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
+        elif kind.startswith("list"):
+            parser.add_argument(flag, dest=f.name, nargs="*", default=list(default or []), help=help_text)
+        else:
+            conv = {"int": int, "float": float}.get(kind, str)
+            if "Path" in kind:
+                conv = Path
+            parser.add_argument(
+                flag, dest=f.name, type=conv, default=default, help=f"{help_text} (default: {default})"
+            )
+
+
+def from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    names = {f.name for f in dataclasses.fields(CoordinatorConfig)}
+    return CoordinatorConfig(**{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,83 @@
+"""The gRPC server: coordinator services, health, reflection, optional TLS."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from coldswarm.coordinator.app import Coordinator
+from coldswarm.coordinator.config import CoordinatorConfig
+from coldswarm.coordinator.service import AdminServicer, WorkerServicer
+from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    pb.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """A started server; ``stop()`` ends it and the coordinator's threads."""
+
+    server: grpc.Server
+    app: Coordinator
+    port: int
+    address: str
+    health: health.HealthServicer
+
+    def stop(self, grace: float = 2.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.app.stop()
+
+
+def start_server(config: CoordinatorConfig, app: Coordinator | None = None) -> RunningServer:
+    """Initialise the state (admin token, version 0), recover, and serve on ``config.listen``."""
+    app = app or Coordinator(config)
+    token = app.init_state()
+    if token is not None:
+        # Said once, at first start; the file stays readable only by this user.
+        print(f"admin token written to {config.admin_token_path} (readable only by you)", flush=True)
+    app.start()
+    # An upload chunk is at most chunk_bytes of data plus a little framing.
+    limit = config.chunk_bytes + 64 * 1024
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coldswarm-rpc"),
+        options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=None,
+    )
+    pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(app), server)
+    pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in ("", *SERVICE_NAMES):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if config.tls_cert is not None:
+        creds = grpc.ssl_server_credentials([(config.tls_key.read_bytes(), config.tls_cert.read_bytes())])
+        port = server.add_secure_port(config.listen, creds)
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        app.stop()
+        raise OSError(f"cannot listen on {config.listen} (address in use?)")
+    server.start()
+    host = config.listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    log.info("serving on %s%s", address, " with TLS" if config.tls_cert else "")
+    return RunningServer(server, app, port, address, health_servicer)

@@ -1,0 +1,362 @@
+"""The gRPC servicers: thin. Each RPC checks the token, calls a handler, maps errors.
+
+Domain errors (:mod:`coldswarm.coordinator.errors`) become their status codes
+with their message; anything else becomes INTERNAL with a pointer to the log,
+and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from importlib import metadata
+
+import grpc
+
+from coldswarm.coordinator.app import Coordinator
+from coldswarm.coordinator.auth import Principal
+from coldswarm.coordinator.errors import CoordinatorError, InvalidArgument
+from coldswarm.coordinator.rounds import AssignmentInfo, ContributionRow, RoundRow
+from coldswarm.coordinator.uploads import Chunk
+from coldswarm.coordinator.versions import VersionRow
+from coldswarm.coordinator.workers import WorkerRow
+from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+try:
+    COORDINATOR_VERSION = metadata.version("coldswarm")
+except metadata.PackageNotFoundError:  # running from a source tree
+    COORDINATOR_VERSION = "0+unknown"
+
+
+def _fail(context, exc: Exception, name: str):
+    if isinstance(exc, CoordinatorError):
+        context.abort(exc.code, exc.message)
+    log.exception("%s failed", name)
+    context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error in {name}: {exc} (details in the coordinator's log)"
+    )
+
+
+def rpc(need: str):
+    """Decorate a servicer method ``(self, request, context, principal)``: auth + error mapping."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def unary(self, request, context):
+            try:
+                principal = self.app.auth.authenticate(context.invocation_metadata(), need)
+                if principal.worker_id:
+                    self.app.workers.touch(principal.worker_id)
+                return fn(self, request, context, principal)
+            except Exception as exc:  # mapped, never raised into grpc's thread
+                _fail(context, exc, fn.__name__)
+
+        return unary
+
+    return deco
+
+
+def rpc_stream(need: str):
+    """Like :func:`rpc` for server-streaming methods (generators)."""
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def stream(self, request, context):
+            try:
+                principal = self.app.auth.authenticate(context.invocation_metadata(), need)
+                yield from fn(self, request, context, principal)
+            except Exception as exc:
+                _fail(context, exc, fn.__name__)
+
+        return stream
+
+    return deco
+
+
+# -- conversions -------------------------------------------------------------------------
+
+
+def version_pb(v: VersionRow) -> pb.Version:
+    msg = pb.Version(
+        number=v.number,
+        method=v.method,
+        state=v.state,
+        files=[pb.FileEntry(path=p, size=s, sha256=h) for p, s, h in v.files],
+        manifest_json=v.manifest_json,
+        created_at=v.created_at,
+        is_current=v.is_current,
+    )
+    if v.parent is not None:
+        msg.parent = v.parent
+    if v.round_id is not None:
+        msg.round_id = v.round_id
+    return msg
+
+
+def round_pb(r: RoundRow) -> pb.Round:
+    msg = pb.Round(
+        id=r.id,
+        kind=r.kind,
+        base_version=r.base_version,
+        state=r.state,
+        quorum=r.quorum,
+        deadline=r.deadline,
+        method=r.method,
+        options_json=r.options_json,
+        contributions=r.contributions,
+        error=r.error,
+        opened_at=r.opened_at,
+        closed_at=r.closed_at,
+        run_id=r.run_id,
+    )
+    if r.result_version is not None:
+        msg.result_version = r.result_version
+    return msg
+
+
+def contribution_pb(c: ContributionRow) -> pb.Contribution:
+    return pb.Contribution(
+        id=c.id,
+        round_id=c.round_id,
+        worker_id=c.worker_id,
+        base_version=c.base_version,
+        form=c.form,
+        size=c.size,
+        sha256=c.sha256,
+        num_examples=c.num_examples,
+        metrics_json=c.metrics_json,
+        state=c.state,
+        created_at=c.created_at,
+    )
+
+
+def worker_pb(w: WorkerRow) -> pb.WorkerInfo:
+    caps = pb.Capabilities()
+    try:
+        caps.ParseFromString(w.capabilities)
+    except Exception:  # stored by us from a parsed message; an old row must not break listing
+        pass
+    return pb.WorkerInfo(
+        id=w.id,
+        name=w.name,
+        capabilities=caps,
+        registered_at=w.registered_at,
+        last_seen=w.last_seen,
+        state=w.state,
+        assignment_id=w.assignment_id,
+        progress_json=w.progress_json,
+    )
+
+
+def assignment_pb(a: AssignmentInfo) -> pb.Assignment:
+    msg = pb.Assignment(id=a.id, round_id=a.round_id, base_version=a.base_version, deadline=a.deadline)
+    if a.kind == "fusion":
+        msg.fusion.CopyFrom(pb.FusionTask(**a.task))
+    else:
+        msg.pretrain.CopyFrom(pb.PretrainTask(**a.task))
+    return msg
+
+
+def token_pb(t) -> pb.TokenInfo:
+    return pb.TokenInfo(id=t.id, kind=t.kind, label=t.label, created_at=t.created_at, revoked=t.revoked)
+
+
+def _download(app: Coordinator, request, context):
+    number = app.versions.resolve(request.version)
+    path, size, _sha = app.versions.file(number, request.path)
+    offset = int(request.offset)
+    if offset > size:
+        raise InvalidArgument(f"offset {offset} is past the end of {request.path} ({size} bytes)")
+    step = app.config.chunk_bytes
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while offset < size:
+            data = fh.read(step)
+            if not data:
+                break
+            yield pb.DataChunk(path=request.path, offset=offset, data=data)
+            offset += len(data)
+
+
+# -- WorkerService -----------------------------------------------------------------------
+
+
+class WorkerServicer(pb_grpc.WorkerServiceServicer):
+    def __init__(self, app: Coordinator):
+        self.app = app
+
+    @rpc("join")
+    def Register(self, request, context, principal: Principal):
+        worker_id, token = self.app.workers.register(
+            principal, request.name, request.capabilities.SerializeToString()
+        )
+        return pb.RegisterResponse(
+            worker_id=worker_id,
+            session_token=token,
+            heartbeat_interval_s=self.app.config.heartbeat_interval_s,
+            dht_initial_peers=list(self.app.rounds.dht_peers()),
+        )
+
+    @rpc("worker")
+    def Heartbeat(self, request, context, principal: Principal):
+        progress = {
+            "assignment_id": request.assignment_id,
+            "phase": request.phase,
+            "step": request.step,
+            "total_steps": request.total_steps,
+            "loss": request.loss,
+            "samples_per_s": request.samples_per_s,
+            "metrics": dict(request.metrics),
+        }
+        self.app.workers.heartbeat(principal.worker_id, progress)
+        cancel = self.app.rounds.should_cancel(principal.worker_id, request.assignment_id)
+        return pb.HeartbeatResponse(
+            cancel_assignment=cancel, message="the assignment's round is no longer open" if cancel else ""
+        )
+
+    @rpc("worker")
+    def GetAssignment(self, request, context, principal: Principal):
+        a = self.app.rounds.get_assignment(principal.worker_id)
+        if a is None:
+            return pb.Assignment(retry_after_s=self.app.config.heartbeat_interval_s)
+        return assignment_pb(a)
+
+    @rpc("worker")
+    def ReportAssignment(self, request, context, principal: Principal):
+        self.app.rounds.report_assignment(
+            principal.worker_id, request.assignment_id, request.outcome, request.message
+        )
+        return pb.ReportAssignmentResponse()
+
+    @rpc("worker")
+    def GetVersion(self, request, context, principal: Principal):
+        return version_pb(self.app.versions.get(request.version))
+
+    @rpc_stream("worker")
+    def DownloadVersion(self, request, context, principal: Principal):
+        yield from _download(self.app, request, context)
+
+    @rpc("worker")
+    def BeginUpload(self, request, context, principal: Principal):
+        upload_id, offset, max_chunk = self.app.uploads.begin(
+            principal.worker_id,
+            assignment_id=request.assignment_id,
+            round_id=request.round_id,
+            base_version=request.base_version,
+            total_size=request.total_size,
+            codec=request.codec,
+            num_examples=request.num_examples,
+            metrics_json=request.metrics_json,
+        )
+        return pb.BeginUploadResponse(upload_id=upload_id, offset=offset, max_chunk_bytes=max_chunk)
+
+    @rpc("worker")
+    def UploadContribution(self, request_iterator, context, principal: Principal):
+        chunks = (Chunk(c.upload_id, c.offset, c.data, c.sha256) for c in request_iterator)
+        result = self.app.uploads.receive(principal.worker_id, chunks, context.is_active)
+        return pb.UploadResponse(
+            contribution_id=result.contribution_id, sha256=result.sha256, size=result.size
+        )
+
+    @rpc("worker")
+    def Leave(self, request, context, principal: Principal):
+        self.app.workers.leave(principal.worker_id)
+        return pb.LeaveResponse()
+
+
+# -- AdminService ------------------------------------------------------------------------
+
+
+class AdminServicer(pb_grpc.AdminServiceServicer):
+    def __init__(self, app: Coordinator):
+        self.app = app
+
+    @rpc("admin")
+    def Status(self, request, context, principal):
+        total, active = self.app.workers.counts()
+        msg = pb.StatusResponse(
+            coordinator_version=COORDINATOR_VERSION,
+            versions=self.app.versions.count(),
+            workers_total=total,
+            workers_active=active,
+            dht_maddrs=list(self.app.rounds.dht_peers()),
+            uptime_s=self.app.uptime(),
+        )
+        current = self.app.versions.current()
+        if current is not None:
+            msg.current_version = current
+        live = self.app.rounds.live()
+        if live is not None:
+            msg.open_round.CopyFrom(round_pb(live))
+        return msg
+
+    @rpc("admin")
+    def ListWorkers(self, request, context, principal):
+        return pb.ListWorkersResponse(
+            workers=[worker_pb(w) for w in self.app.workers.list(request.include_gone)]
+        )
+
+    @rpc("admin")
+    def ListVersions(self, request, context, principal):
+        return pb.ListVersionsResponse(versions=[version_pb(v) for v in self.app.versions.list()])
+
+    @rpc("admin")
+    def ListRounds(self, request, context, principal):
+        return pb.ListRoundsResponse(rounds=[round_pb(r) for r in self.app.rounds.list()])
+
+    @rpc("admin")
+    def ListContributions(self, request, context, principal):
+        rid = request.round_id if request.HasField("round_id") else None
+        return pb.ListContributionsResponse(
+            contributions=[contribution_pb(c) for c in self.app.rounds.contributions(rid)]
+        )
+
+    @rpc("admin")
+    def CreateToken(self, request, context, principal):
+        row, token = self.app.auth.create_join_token(request.label)
+        return pb.CreateTokenResponse(info=token_pb(row), token=token)
+
+    @rpc("admin")
+    def RevokeToken(self, request, context, principal):
+        return pb.RevokeTokenResponse(info=token_pb(self.app.auth.revoke(request.id)))
+
+    @rpc("admin")
+    def ListTokens(self, request, context, principal):
+        return pb.ListTokensResponse(tokens=[token_pb(t) for t in self.app.auth.list()])
+
+    @rpc("admin")
+    def OpenRound(self, request, context, principal):
+        base = request.base_version if request.HasField("base_version") else None
+        return round_pb(
+            self.app.rounds.open_round(
+                request.kind, base, request.quorum, request.deadline_s, request.method, request.options_json
+            )
+        )
+
+    @rpc("admin")
+    def CloseRound(self, request, context, principal):
+        rid = request.round_id if request.HasField("round_id") else None
+        return round_pb(self.app.rounds.close_round(rid, cancel=request.cancel))
+
+    @rpc("admin")
+    def Merge(self, request, context, principal):
+        return version_pb(self.app.rounds.merge_now(request.round_id, request.method, request.options_json))
+
+    @rpc("admin")
+    def Publish(self, request, context, principal):
+        return version_pb(self.app.versions.publish(request.version))
+
+    @rpc("admin")
+    def Rollback(self, request, context, principal):
+        return version_pb(self.app.versions.rollback(request.version))
+
+    @rpc("admin")
+    def GetVersion(self, request, context, principal):
+        return version_pb(self.app.versions.get(request.version))
+
+    @rpc_stream("admin")
+    def DownloadVersion(self, request, context, principal):
+        yield from _download(self.app, request, context)

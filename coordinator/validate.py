@@ -1,0 +1,169 @@
+"""Checks an uploaded contribution before anything records it.
+
+The coordinator's own checks run on every upload (they need only safetensors):
+the payload parses as safetensors, every tensor name is ``<namespace>/<name>``
+with a known namespace and a ``<name>`` the base has, shapes fit the base,
+dtypes are floating point, and no value is NaN or Inf. When
+``coldswarm.fusion.validate`` is installed, its ``validate_contribution`` runs
+too (it knows the forms' finer rules). Each failure is an
+:class:`InvalidArgument` naming the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument
+from coldswarm.coordinator.versions import FLOAT_DTYPES, ParamInfo
+
+log = logging.getLogger(__name__)
+
+# Namespace -> how the rest of the name relates to the base: a parameter, or a module
+# whose `<module>.weight` is a parameter (docs/INTERFACES.md, "Contribution payload").
+NAMESPACES = {
+    "weight": "param",
+    "delta": "param",
+    "fisher": "param",
+    "lora_A": "module",
+    "lora_B": "module",
+    "ia3": "module",
+    "gram": "module",
+}
+FORM_OF = {"weight": "full", "delta": "delta", "lora_A": "lora", "lora_B": "lora", "ia3": "ia3"}
+
+
+@dataclass
+class ContributionSummary:
+    form: str
+    num_tensors: int
+    meta: dict = field(default_factory=dict)
+
+
+def _shape_ok(ns: str, shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    if NAMESPACES[ns] == "param":
+        return shape == base
+    if len(base) != 2:  # adapters and Gram matrices attach to linear layers (out, in)
+        return False
+    out_f, in_f = base
+    if ns == "lora_A":
+        return len(shape) == 2 and shape[1] == in_f and shape[0] >= 1
+    if ns == "lora_B":
+        return len(shape) == 2 and shape[0] == out_f and shape[1] >= 1
+    if ns == "ia3":
+        return (
+            len(shape) == 1
+            and shape[0] in (out_f, in_f)
+            or (len(shape) == 2 and 1 in shape and max(shape) in (out_f, in_f))
+        )
+    if ns == "gram":
+        return shape == (in_f, in_f)
+    return False
+
+
+def check_contribution(
+    path: Path,
+    base: dict[str, ParamInfo],
+    base_version: int,
+    base_dir: Path | None = None,
+    method: str = "average",
+) -> ContributionSummary:
+    """Validate the safetensors file at ``path`` against the base's tensors; see the module doc.
+
+    ``base`` is the base version's tensor index; ``base_dir`` its directory, for fusion's
+    validator.
+    """
+    try:
+        fh = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise InvalidArgument(
+            f"the payload is not a safetensors file ({exc}); contributions must be safetensors "
+            "(coldswarm.fusion.contribution.save_contribution writes one)"
+        ) from None
+    with fh:
+        raw_meta = (fh.metadata() or {}).get("coldswarm")
+        meta: dict = {}
+        if raw_meta is not None:
+            try:
+                meta = json.loads(raw_meta)
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                raise InvalidArgument(f"the `coldswarm` metadata is not a JSON object: {exc}") from None
+        claimed = meta.get("base_version")
+        if claimed is not None and claimed != base_version:
+            raise FailedPrecondition(
+                f"the contribution says it was trained from version {claimed}, but this round's base is "
+                f"version {base_version}: download version {base_version} and train again"
+            )
+        names = list(fh.keys())
+        if not names:
+            raise InvalidArgument("the contribution holds no tensors")
+        forms = set()
+        lora = {"lora_A": set(), "lora_B": set()}
+        for name in names:
+            ns, sep, rest = name.partition("/")
+            if not sep or ns not in NAMESPACES:
+                raise InvalidArgument(
+                    f"tensor {name!r}: names must start with one of {sorted(NAMESPACES)} and '/' "
+                    "(docs/INTERFACES.md, contribution payload)"
+                )
+            target = rest if NAMESPACES[ns] == "param" else f"{rest}.weight"
+            info = base.get(target)
+            if info is None:
+                raise InvalidArgument(f"tensor {name!r}: the base model has no parameter {target!r}")
+            sl = fh.get_slice(name)
+            shape = tuple(sl.get_shape())
+            dtype = str(sl.get_dtype())
+            if dtype not in FLOAT_DTYPES:
+                raise InvalidArgument(
+                    f"tensor {name!r}: dtype {dtype} is not floating point (F16/BF16/F32/F64)"
+                )
+            if not _shape_ok(ns, shape, info.shape):
+                raise InvalidArgument(
+                    f"tensor {name!r}: shape {list(shape)} does not fit the base parameter "
+                    f"{target!r} of shape {list(info.shape)}"
+                )
+            tensor = fh.get_tensor(name)
+            if not bool(torch.isfinite(tensor).all()):
+                raise InvalidArgument(f"tensor {name!r} holds NaN or Inf values")
+            if ns in lora:
+                lora[ns].add(rest)
+            if ns in FORM_OF:
+                forms.add(FORM_OF[ns])
+        if lora["lora_A"] != lora["lora_B"]:
+            odd = sorted(lora["lora_A"] ^ lora["lora_B"])[0]
+            raise InvalidArgument(f"module {odd!r} has only one of lora_A/lora_B")
+    if len(forms) > 1:
+        raise InvalidArgument(f"the contribution mixes forms {sorted(forms)}; send one form per contribution")
+    form = meta.get("form") or (forms.pop() if forms else "statistics")
+    if base_dir is not None:
+        _fusion_validate(path, base_dir, base_version, method)
+    return ContributionSummary(form=str(form), num_tensors=len(names), meta=meta)
+
+
+def _fusion_validate(path: Path, base_dir: Path, base_version: int, method: str) -> None:
+    """fusion's own validation, when that package provides it (it names the tensor on failure)."""
+    try:
+        from coldswarm.fusion.errors import ContributionError
+        from coldswarm.fusion.validate import validate_contribution
+    except ImportError:
+        return
+    try:
+        validate_contribution(
+            str(path),
+            str(base_dir),
+            base_version=base_version,
+            require_fisher=method == "fisher",
+            require_gram=method == "regmean",
+        )
+    except ContributionError as exc:
+        raise InvalidArgument(str(exc)) from None
+    except ImportError as exc:
+        # fusion is installed only in part (e.g. its codecs are missing): our own checks stand.
+        log.warning("skipping coldswarm.fusion validation: %s", exc)

@@ -1,0 +1,150 @@
+"""Registered workers: registration, heartbeats (batched in memory), leaving.
+
+Heartbeats are soft state: they update an in-memory table that a background
+tick flushes to SQLite every ``tick_s`` seconds in one transaction, so hundreds
+of workers heartbeating never queue on the database. Losing the last few
+seconds of heartbeats in a crash only makes workers look a little older.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+from coldswarm.coordinator.auth import Auth, Principal
+from coldswarm.coordinator.errors import NotFound
+from coldswarm.coordinator.store import Store
+
+
+@dataclass
+class WorkerRow:
+    id: str
+    name: str
+    capabilities: bytes
+    registered_at: float
+    last_seen: float
+    state: str  # "idle", "working", "gone"
+    assignment_id: str
+    progress_json: str
+
+
+class WorkerRegistry:
+    def __init__(self, store: Store, auth: Auth, gone_after_s: float):
+        self.store = store
+        self.auth = auth
+        self.gone_after_s = gone_after_s
+        self._lock = threading.Lock()
+        self._seen: dict[str, tuple[float, str]] = {}  # worker id -> (last seen, progress json), unflushed
+        self._touched: dict[str, float] = {}  # worker id -> last seen, unflushed
+        self._known: dict[str, float] = {
+            r["id"]: r["last_seen"]
+            for r in store.all("SELECT id, last_seen FROM workers WHERE left_at IS NULL")
+        }
+
+    def register(self, principal: Principal, name: str, capabilities: bytes) -> tuple[str, str]:
+        """A new worker joined with ``principal``'s join token; returns (worker id, session token)."""
+        worker_id = f"w-{secrets.token_hex(6)}"
+        token, h = self.auth.new_session()
+        now = time.time()
+        with self.store.tx() as c:
+            c.execute(
+                "INSERT INTO workers(id, name, capabilities, token_id, session_hash, registered_at, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (worker_id, name[:200], capabilities, principal.token_id, h, now, now),
+            )
+        self.auth.add_session(h, worker_id, principal.token_id)
+        with self._lock:
+            self._known[worker_id] = now
+        return worker_id, token
+
+    def heartbeat(self, worker_id: str, progress: dict) -> None:
+        now = time.time()
+        with self._lock:
+            if worker_id not in self._known:
+                raise NotFound(f"unknown worker {worker_id}: register again with a join token")
+            self._known[worker_id] = now
+            self._seen[worker_id] = (now, json.dumps(progress, sort_keys=True))
+
+    def touch(self, worker_id: str) -> None:
+        """Any call from a worker counts as a sign of life."""
+        with self._lock:
+            if worker_id in self._known:
+                self._known[worker_id] = self._touched[worker_id] = time.time()
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._seen = self._seen, {}
+            touched, self._touched = self._touched, {}
+        if not pending and not touched:
+            return
+        with self.store.tx() as c:
+            c.executemany(
+                "UPDATE workers SET last_seen=MAX(last_seen, ?), progress_json=? WHERE id=?",
+                [(seen, progress, wid) for wid, (seen, progress) in pending.items()],
+            )
+            c.executemany(
+                "UPDATE workers SET last_seen=MAX(last_seen, ?) WHERE id=?",
+                [(seen, wid) for wid, seen in touched.items() if wid not in pending],
+            )
+
+    def leave(self, worker_id: str) -> None:
+        with self.store.tx() as c:
+            c.execute("UPDATE workers SET left_at=? WHERE id=?", (time.time(), worker_id))
+            c.execute(
+                "UPDATE assignments SET state='aborted', message='worker left' "
+                "WHERE worker_id=? AND state='active'",
+                (worker_id,),
+            )
+        self.auth.drop_worker(worker_id)
+        with self._lock:
+            self._known.pop(worker_id, None)
+            self._seen.pop(worker_id, None)
+
+    def last_seen(self, worker_id: str) -> float | None:
+        with self._lock:
+            return self._known.get(worker_id)
+
+    def is_active(self, worker_id: str, now: float | None = None) -> bool:
+        seen = self.last_seen(worker_id)
+        return seen is not None and (now or time.time()) - seen < self.gone_after_s
+
+    def list(self, include_gone: bool = False) -> list[WorkerRow]:
+        self.flush()
+        now = time.time()
+        active = {
+            r["worker_id"]: r["id"]
+            for r in self.store.all(
+                "SELECT a.worker_id, a.id FROM assignments a JOIN rounds r ON r.id=a.round_id "
+                "WHERE a.state='active' AND r.state='open'"
+            )
+        }
+        out = []
+        for r in self.store.all("SELECT * FROM workers ORDER BY registered_at"):
+            gone = r["left_at"] is not None or now - r["last_seen"] >= self.gone_after_s
+            if gone and not include_gone:
+                continue
+            state = "gone" if gone else ("working" if r["id"] in active else "idle")
+            out.append(
+                WorkerRow(
+                    id=r["id"],
+                    name=r["name"],
+                    capabilities=bytes(r["capabilities"]),
+                    registered_at=r["registered_at"],
+                    last_seen=r["last_seen"],
+                    state=state,
+                    assignment_id=active.get(r["id"], ""),
+                    progress_json=r["progress_json"],
+                )
+            )
+        return out
+
+    def counts(self) -> tuple[int, int]:
+        """(registered and not left, active now)."""
+        now = time.time()
+        with self._lock:
+            total = len(self._known)
+            act = sum(1 for seen in self._known.values() if now - seen < self.gone_after_s)
+        return total, act
