@@ -1,0 +1,321 @@
+"""The coordinator's hivemind side: the swarm's DHT bootstrap peer and its checkpointer.
+
+The coordinator runs one long-lived DHT peer. Its visible multiaddrs are the ``initial_peers`` handed to
+workers in every ``PretrainTask``. At the end of a pretrain round the checkpointer downloads the averaged
+state from the peer with the newest epoch (hivemind's ``load_state_from_peers``: the same path a late joiner
+uses, fp32, exact), puts it into a model of the round's base architecture, and writes an HF directory that
+``from_pretrained`` loads, plus the swarm's metrics. It never trains and never takes part in averaging: it
+attaches to the run's state averager with state sharing off, so no worker ever downloads from it.
+
+Usage (the round manager)::
+
+    from coldswarm.coordinator.checkpointer import Checkpointer, CheckpointerConfig
+
+    ckpt = Checkpointer(CheckpointerConfig(host_maddrs=["/ip4/0.0.0.0/tcp/31337"],
+                                           identity_path=data_dir / "dht.key"))
+    ckpt.start()
+    task.initial_peers.extend(ckpt.initial_peers)            # hand these to workers
+    ...                                                      # workers train run_id for `epochs` epochs
+    metrics = ckpt.collect(run_id, base_model_dir, out_dir, min_epoch=epochs, timeout=600)
+    record_version(out_dir, round_id, kind="pretrain", metrics=metrics)
+    ckpt.shutdown()                                          # at coordinator exit
+
+``collect`` writes ``out_dir`` atomically (a temp dir in the same parent, fsync, rename): it either exists
+complete or not at all. It copies the base directory's non-weight files (tokenizer, generation config) and
+writes ``config.json`` + ``model.safetensors``. It does not write ``coldswarm-manifest.json``; that is the
+version store's. Both sides agree on which tensors are trained via
+:func:`coldswarm.worker.swarm.swarm_parameters`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from coldswarm.worker.compression import register_safe_codecs
+from coldswarm.worker.swarm import collected_key, metrics_key, start_dht, swarm_parameters
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Checkpointer", "CheckpointerConfig", "CollectError"]
+
+# Files of a model directory that hold weights (replaced by the collected ones) or belong to the version
+# store; everything else in the base directory (tokenizer, spiece.model, generation_config.json) is copied.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+_MANIFEST = "coldswarm-manifest.json"
+
+
+class CollectError(RuntimeError):
+    """The swarm's state could not be collected (no peer reachable, wrong architecture, too old an epoch)."""
+
+
+@dataclass
+class CheckpointerConfig:
+    """The coordinator's DHT peer. Fields are what ``coldswarm-coordinator serve`` may expose as flags."""
+
+    host_maddrs: list[str] = field(
+        default_factory=lambda: ["/ip4/0.0.0.0/tcp/0"],
+        metadata={"help": "multiaddrs the DHT peer listens on; fix the port so initial_peers stay valid"},
+    )
+    announce_maddrs: list[str] = field(
+        default_factory=list, metadata={"help": "multiaddrs workers should dial (public address behind NAT)"}
+    )
+    identity_path: Path | None = field(
+        default=None,
+        metadata={
+            "help": "private key file; with a fixed port keeps the peer id (and initial_peers) across restarts"
+        },
+    )
+    initial_peers: list[str] = field(
+        default_factory=list, metadata={"help": "other bootstrap peers to join (several coordinators)"}
+    )
+    load_state_timeout: float = field(
+        default=60.0, metadata={"help": "per-attempt timeout for downloading a peer's state"}
+    )
+    request_timeout: float = field(default=3.0, metadata={"help": "hivemind RPC timeout"})
+    poll_interval: float = field(default=2.0, metadata={"help": "seconds between collection attempts"})
+
+
+class Checkpointer:
+    """The DHT bootstrap peer plus the checkpointer of pretrain rounds. Not thread-safe: one collect at a time."""
+
+    def __init__(self, config: CheckpointerConfig | None = None):
+        self.config = config or CheckpointerConfig()
+        self.dht = None
+
+    def start(self) -> Checkpointer:
+        """Start the DHT peer (a background process and its p2p daemon). Idempotent."""
+        if self.dht is None:
+            cfg = self.config
+            kwargs = {}
+            if cfg.identity_path is not None:
+                Path(cfg.identity_path).parent.mkdir(parents=True, exist_ok=True)
+                kwargs["identity_path"] = str(cfg.identity_path)
+            self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, **kwargs)
+            logger.info("swarm DHT bootstrap peer at %s", self.initial_peers)
+        return self
+
+    def __enter__(self) -> Checkpointer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    @property
+    def initial_peers(self) -> list[str]:
+        """The multiaddrs (with /p2p/<peer id>) workers bootstrap from: PretrainTask.initial_peers."""
+        self._require_started()
+        return [str(addr) for addr in self.dht.get_visible_maddrs()]
+
+    def shutdown(self) -> None:
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    # -- what the swarm reports -------------------------------------------------------------------------
+
+    def swarm_metrics(self, run_id: str) -> dict[str, float]:
+        """The swarm's totals from what peers published under ``metrics_key(run_id)``: samples and steps summed
+        over every peer that took part (records outlive their peer for an hour), loss averaged over peers
+        weighted by their samples, the number of peers, and the newest epoch any peer reported."""
+        from hivemind.utils import ValueWithExpiration
+
+        self._require_started()
+        found = self.dht.get(metrics_key(run_id), latest=True)
+        records = []
+        if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict):
+            for entry in found.value.values():
+                value = entry.value if isinstance(entry, ValueWithExpiration) else None
+                if isinstance(value, dict):
+                    records.append(value)
+        samples = sum(int(r.get("samples") or 0) for r in records)
+        with_loss = [
+            r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
+        ]
+        loss_weight = sum(int(r.get("samples") or 0) for r in with_loss)
+        if with_loss and loss_weight > 0:
+            loss = sum(float(r["loss"]) * int(r.get("samples") or 0) for r in with_loss) / loss_weight
+        elif with_loss:
+            loss = sum(float(r["loss"]) for r in with_loss) / len(with_loss)
+        else:
+            loss = math.nan
+        return {
+            "swarm_loss": loss,
+            "swarm_samples": float(samples),
+            "swarm_steps": float(sum(int(r.get("steps") or 0) for r in records)),
+            "swarm_peers": float(len(records)),
+            "swarm_samples_per_s": float(sum(float(r.get("samples_per_s") or 0.0) for r in records)),
+            "swarm_epoch_reported": float(max((int(r.get("epoch") or 0) for r in records), default=0)),
+        }
+
+    # -- collection -------------------------------------------------------------------------------------
+
+    def collect(
+        self,
+        run_id: str,
+        base_model_dir: str | os.PathLike,
+        out_dir: str | os.PathLike,
+        *,
+        min_epoch: int = 0,
+        timeout: float = 300.0,
+    ) -> dict[str, float]:
+        """Download the swarm's averaged state for ``run_id`` and write it as an HF directory at ``out_dir``.
+
+        :param base_model_dir: the round's base version (HF directory): gives the architecture, the
+          non-weight files, and the parameter order (via ``swarm_parameters``) to map tensors to names.
+        :param out_dir: must not exist; written atomically.
+        :param min_epoch: keep trying until a peer serves a state of at least this epoch (the round's
+          ``epochs``), or ``timeout`` passes.
+        :returns: metrics: ``epoch`` (of the collected state), ``swarm_loss``, ``swarm_samples``,
+          ``swarm_steps``, ``swarm_peers``, ``swarm_samples_per_s``, ``collect_seconds``.
+        :raises CollectError: nothing collected in time, or the state does not fit the base architecture.
+        :raises FileExistsError: ``out_dir`` exists.
+
+        Afterwards it announces the collection under ``collected_key(run_id)`` so workers waiting in
+        ``SwarmTrainer.serve_state`` may leave.
+        """
+        from hivemind.utils import get_dht_time
+        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+        self._require_started()
+        register_safe_codecs()
+        base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
+        if out_dir.exists():
+            raise FileExistsError(f"{out_dir} exists; a version directory is written once")
+        began = time.monotonic()
+
+        config = AutoConfig.from_pretrained(base_model_dir)
+        model = AutoModelForSeq2SeqLM.from_config(config)
+        named = swarm_parameters(model)
+        tensors = [param.detach().to("cpu", torch.float32).clone() for _, param in named]
+
+        # A plain averager under the run's state-averager prefix: it can download what the workers'
+        # TrainingStateAverager serves, but never steps (never joins an averaging group) and does not offer its
+        # own state (allow_state_sharing=False), so it changes nothing in the swarm.
+        averager = _state_downloader_class()(
+            tensors,
+            self.dht,
+            prefix=f"{run_id}_state_averager",
+            start=True,
+            allow_state_sharing=False,
+            request_timeout=self.config.request_timeout,
+            next_chunk_timeout=self.config.load_state_timeout,
+        )
+        try:
+            metadata, loaded = self._download(averager, run_id, min_epoch, began + timeout)
+        finally:
+            averager.shutdown()
+
+        epoch = int(metadata["epoch"])
+        if len(loaded) < len(named):
+            raise CollectError(
+                f"run {run_id}: peer sent {len(loaded)} tensors, base architecture has {len(named)} trained "
+                "parameters; was the round started from this base version?"
+            )
+        state = {}
+        for (name, param), tensor in zip(named, loaded, strict=False):
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise CollectError(
+                    f"run {run_id}: tensor for {name} has shape {tuple(tensor.shape)}, base has {tuple(param.shape)}"
+                )
+            state[name] = tensor
+        with torch.no_grad():
+            for name, param in named:
+                param.copy_(state[name].to(param.dtype))
+
+        self._write_version_dir(model, base_model_dir, out_dir)
+        metrics = {"epoch": float(epoch), **self.swarm_metrics(run_id)}
+        metrics["collect_seconds"] = time.monotonic() - began
+        self.dht.store(collected_key(run_id), epoch, expiration_time=get_dht_time() + 3600)
+        logger.info("collected run %s at epoch %d into %s: %s", run_id, epoch, out_dir, metrics)
+        return metrics
+
+    def _download(self, averager, run_id: str, min_epoch: int, deadline: float):
+        # load_state_from_peers asks the peer with the highest declared priority (= its epoch); peers refresh
+        # that declaration every epoch, so retry until one at min_epoch answers.
+        best_epoch, attempts = None, 0
+        while True:
+            attempts += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            result = averager.load_state_from_peers(timeout=min(self.config.load_state_timeout, remaining))
+            if result is not None:
+                metadata, loaded = result
+                epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
+                if isinstance(epoch, int) and epoch >= min_epoch:
+                    return metadata, loaded
+                best_epoch = epoch if best_epoch is None else max(best_epoch, epoch or 0)
+            time.sleep(min(self.config.poll_interval, max(0.0, deadline - time.monotonic())))
+        raise CollectError(
+            f"run {run_id}: no peer served a state of epoch >= {min_epoch} in time "
+            f"({attempts} attempts; newest epoch seen: {best_epoch})"
+        )
+
+    @staticmethod
+    def _write_version_dir(model, base_model_dir: Path, out_dir: Path) -> None:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            for src in base_model_dir.iterdir():
+                if (
+                    src.is_file()
+                    and src.name not in _WEIGHT_FILES
+                    and src.name != _MANIFEST
+                    and not src.name.endswith(_NOT_COPIED_SUFFIXES)
+                ):
+                    shutil.copy2(src, tmp / src.name)
+            model.save_pretrained(tmp, safe_serialization=True)
+            for path in tmp.iterdir():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, out_dir)
+            _fsync_dir(out_dir.parent)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _require_started(self) -> None:
+        if self.dht is None:
+            raise RuntimeError("Checkpointer is not started: call start()")
+
+
+def _state_downloader_class():
+    """A ``DecentralizedAverager`` that downloads from the workers' ``TrainingStateAverager``.
+
+    hivemind names RPC handlers ``{prefix}::{ServicerClassName}.rpc_...``, and ``load_state_from_peers`` builds
+    its stub from ``type(self)``: a plain ``DecentralizedAverager`` asks for
+    ``...::DecentralizedAverager.rpc_download_state`` and the workers answer "protocols not supported". So
+    the stub is made from ``TrainingStateAverager``, whose class the workers serve under.
+    """
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.optim.state_averager import TrainingStateAverager
+
+    class _StateDownloader(DecentralizedAverager):
+        @classmethod
+        def get_stub(cls, p2p, peer, *, namespace=None):
+            return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
+
+    return _StateDownloader
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
