@@ -47,6 +47,12 @@ class TensorInputs:
     keys: list[str] = field(default_factory=list)  #: stable per-contribution ids (seed DARE)
     fishers: list[Tensor | None] | None = None  #: diagonal Fisher per contribution (None: missing)
     grams: list[Tensor | None] | None = None  #: RegMean Gram (in, in) per contribution (None: missing)
+    #: flat index of this chunk's first element in the whole tensor (the driver merges big tensors
+    #: in row chunks; elementwise randomness such as DARE's masks is keyed by the global index so
+    #: the result does not depend on the chunk size)
+    offset: int = 0
+    #: per-contribution values a method's ``prepare`` computed on the whole tensor (TIES thresholds)
+    prepared: list[Any] | None = None
 
     def deltas(self) -> list[Tensor]:
         return [t - self.base for t in self.thetas]
@@ -278,18 +284,19 @@ def task_arithmetic(x: TensorInputs, cfg: TaskArithmeticConfig) -> Tensor:
     return x.base + cfg.scaling * _weighted_sum(x.deltas(), x.relative_weights())
 
 
-def _trim_top(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``density`` fraction of entries with the largest magnitude, zero the rest."""
+def ties_threshold(delta: Tensor, cfg: TiesConfig) -> float | None:
+    """TIES step 1 on a whole tensor: the magnitude of the k-th largest entry, k = round(density * n).
+
+    Entries with |delta| >= threshold are kept (ties at the threshold all kept: deterministic). None
+    means keep everything. Computed on the whole tensor even when the driver merges it in chunks.
+    """
     n = delta.numel()
-    k = int(round(density * n))
+    k = int(round(cfg.density * n))
     if k >= n:
-        return delta
+        return None
     if k <= 0:
-        return torch.zeros_like(delta)
-    mag = delta.abs().flatten()
-    # threshold = the k-th largest magnitude; ties at the threshold are all kept (deterministic).
-    thr = torch.kthvalue(mag, n - k + 1).values
-    return delta * (delta.abs() >= thr)
+        return float("inf")
+    return float(torch.kthvalue(delta.abs().flatten(), n - k + 1).values)
 
 
 def _elect_and_disjoint_mean(deltas: Sequence[Tensor], rel_weights: Tensor) -> Tensor:
@@ -308,21 +315,47 @@ def ties(x: TensorInputs, cfg: TiesConfig) -> Tensor:
     """Yadav et al. 2023 (TIES-Merging): trim each delta to its top-``density`` magnitudes, elect a sign
     per coordinate from the weighted sum of trimmed deltas, take the weighted mean of the entries that
     agree with it (disjoint mean), and add ``scaling`` times that to the base."""
-    trimmed = [_trim_top(d, cfg.density) for d in x.deltas()]
+    deltas = x.deltas()
+    thresholds = x.prepared or [ties_threshold(d, cfg) for d in deltas]
+    trimmed = [d if thr is None else d * (d.abs() >= thr) for d, thr in zip(deltas, thresholds, strict=True)]
     return x.base + cfg.scaling * _elect_and_disjoint_mean(trimmed, x.relative_weights())
 
 
-def dare_generator(seed: int, key: str, name: str) -> torch.Generator:
-    """The RNG of one contribution's drop mask for one tensor: a function of (seed, key, tensor) only."""
+_MASK64 = (1 << 64) - 1
+
+
+def _signed(v: int) -> int:
+    v &= _MASK64
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _lsr(z: Tensor, k: int) -> Tensor:
+    """Logical shift right of int64 lanes (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def dare_uniform(seed: int, key: str, name: str, start: int, n: int) -> Tensor:
+    """U[0,1) values for elements start..start+n-1 of tensor ``name`` of contribution ``key``.
+
+    A counter-based generator (SplitMix64 finaliser over the element index, keyed by a hash of
+    seed/key/name): any chunk of a tensor gets the same values as the whole tensor would, and
+    the values depend on the contribution's key, never on its position in the round.
+    """
     digest = hashlib.sha256(f"{seed}\0{key}\0{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    stream = _signed(int.from_bytes(digest[:8], "little"))
+    z = torch.arange(start, start + n, dtype=torch.int64)
+    z = z * _signed(0x9E3779B97F4A7C15) + stream  # int64 arithmetic wraps modulo 2^64
+    z = (z ^ _lsr(z, 30)) * _signed(0xBF58476D1CE4E5B9)
+    z = (z ^ _lsr(z, 27)) * _signed(0x94D049BB133111EB)
+    z = z ^ _lsr(z, 31)
+    return _lsr(z, 40).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def dare_drop(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
-    """DARE's drop-and-rescale: keep each entry with probability ``density``, divide survivors by it."""
+def dare_drop(delta: Tensor, density: float, uniform: Tensor) -> Tensor:
+    """DARE's drop-and-rescale: keep entries whose uniform draw is < density, divide survivors by it."""
     if density >= 1.0:
         return delta
-    keep = torch.rand(delta.shape, generator=generator) < density
+    keep = uniform.reshape(delta.shape) < density
     return torch.where(keep, delta / density, 0.0)
 
 
@@ -334,7 +367,7 @@ def dare(x: TensorInputs, cfg: DareConfig) -> Tensor:
             "dare needs one stable key per contribution (TensorInputs.keys) to seed its masks"
         )
     dropped = [
-        dare_drop(d, cfg.density, dare_generator(cfg.seed, k, x.name))
+        dare_drop(d, cfg.density, dare_uniform(cfg.seed, k, x.name, x.offset, d.numel()))
         for d, k in zip(x.deltas(), x.keys, strict=True)
     ]
     if cfg.combination == "ties":
@@ -378,6 +411,10 @@ class MergeMethod:
     needs_fisher: bool = False
     needs_gram: bool = False
     uses_weights: bool = True
+    #: elementwise methods can be run on row chunks of a tensor (bounded memory for big tensors)
+    chunkable: bool = True
+    #: per contribution, computed on the whole delta before chunking (see TensorInputs.prepared)
+    prepare: Callable[[Tensor, Any], Any] | None = None
 
     def make_config(self, options: Mapping[str, Any] | None = None) -> Any:
         """Build this method's config from a plain mapping, refusing unknown keys."""
@@ -407,11 +444,11 @@ METHODS: dict[str, MergeMethod] = {
                     needs_fisher=True),
         MergeMethod("regmean", regmean, RegMeanConfig, "https://arxiv.org/abs/2212.09849",
                     "RegMean (Jin et al. 2022): per linear layer, least squares on the pooled inputs' Gram",
-                    needs_gram=True),
+                    needs_gram=True, chunkable=False),
         MergeMethod("task_arithmetic", task_arithmetic, TaskArithmeticConfig, "https://arxiv.org/abs/2212.04089",
                     "Task arithmetic (Ilharco et al. 2023): base + scaling * sum of task vectors"),
         MergeMethod("ties", ties, TiesConfig, "https://arxiv.org/abs/2306.01708",
-                    "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean"),
+                    "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean", prepare=ties_threshold),
         MergeMethod("dare", dare, DareConfig, "https://arxiv.org/abs/2311.03099",
                     "DARE (Yu et al. 2024): random drop + rescale of task vectors, then linear or TIES"),
         MergeMethod("median", median, MedianConfig, "https://arxiv.org/abs/1803.01498",
