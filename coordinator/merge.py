@@ -9,6 +9,7 @@ Deleting it once fusion lands changes nothing else.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from safetensors.torch import save_file
 from coldswarm.coordinator.blobs import fsync_dir, fsync_file
 from coldswarm.coordinator.errors import FailedPrecondition
 
+log = logging.getLogger(__name__)
+
 
 def available_methods() -> list[str]:
     try:
@@ -28,19 +31,41 @@ def available_methods() -> list[str]:
     return sorted(METHODS)
 
 
-def merge(base_dir: Path, contributions: list[Path], method: str, options: dict, out_dir: Path) -> dict:
+def merge(
+    base_dir: Path,
+    contributions: list[Path],
+    method: str,
+    options: dict,
+    out_dir: Path,
+    keys: list[str] | None = None,
+    base_version: int | None = None,
+) -> dict:
     """Merge ``contributions`` (safetensors payloads) into ``base_dir``'s weights, written to ``out_dir``.
 
-    Returns fusion's report dict. ``out_dir`` must not exist; it is written by the
-    callee (fusion writes atomically; the fallback writes into a directory the
-    caller discards on failure).
+    ``keys`` name the contributions (the coordinator's contribution ids) in fusion's
+    report, whose ``dropped`` list says which screening left out. ``out_dir`` must not
+    exist.
     """
     try:
         from coldswarm.fusion.merge import merge_checkpoints
     except ImportError:
         merge_checkpoints = None
     if merge_checkpoints is not None:
-        return merge_checkpoints(base_dir, [str(p) for p in contributions], method, options, out_dir)
+        try:
+            return merge_checkpoints(
+                base_dir,
+                [str(p) for p in contributions],
+                method,
+                options,
+                out_dir,
+                keys=keys,
+                base_version=base_version,
+            )
+        except ImportError as exc:
+            # fusion is installed only in part; the plain average below still serves "average".
+            if method != "average":
+                raise
+            log.warning("coldswarm.fusion cannot merge (%s): using the plain average", exc)
     if method != "average":
         raise FailedPrecondition(
             f"merge method {method!r} needs coldswarm.fusion, which is not installed here; "

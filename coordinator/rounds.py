@@ -578,7 +578,16 @@ class RoundManager:
             try:
                 out = work / "model"
                 t0 = time.monotonic()
-                report = merge_bridge.merge(base_dir, paths, method, options, out)
+                report = merge_bridge.merge(
+                    base_dir,
+                    paths,
+                    method,
+                    options,
+                    out,
+                    keys=[str(c.id) for c in contributions],
+                    base_version=rnd.base_version,
+                )
+                dropped = {str(k) for k in (report or {}).get("dropped", [])}
                 if self.config.merge_delay_s:
                     # Test hook (COLDSWARM_TEST_MERGE_DELAY_S): widen the window in which a kill
                     # lands mid-merge, after the weights are written but before anything is recorded.
@@ -594,7 +603,10 @@ class RoundManager:
                             "UPDATE rounds SET state=?, result_version=?, error='' WHERE id=?",
                             ("published" if publish else "merged", number, rnd.id),
                         )
-                    c.executemany("UPDATE contributions SET state='merged' WHERE id=?", [(i,) for i in ids])
+                    c.executemany(
+                        "UPDATE contributions SET state=? WHERE id=?",
+                        [("screened_out" if str(i) in dropped else "merged", i) for i in ids],
+                    )
 
                 version = self.versions.create(
                     out,

@@ -244,7 +244,9 @@ class UploadManager:
         expected = part.stat().st_size
         digest = hash_prefix(part, expected)
         final_sha = ""
-        with open(part, "r+b") as fh:
+        # Unbuffered: each chunk reaches the OS as it arrives, so after a kill -9 the partial
+        # file holds every byte the stream delivered and BeginUpload can resume from its size.
+        with open(part, "r+b", buffering=0) as fh:
             fh.seek(expected)
             chunk: Chunk | None = first
             while chunk is not None:
@@ -265,7 +267,9 @@ class UploadManager:
                 if end > total:
                     raise InvalidArgument(f"upload sent more than the {total} bytes declared at BeginUpload")
                 if chunk.data:
-                    fh.write(chunk.data)
+                    view = memoryview(chunk.data)
+                    while view:
+                        view = view[fh.write(view) :]
                     digest.update(chunk.data)
                     expected = end
                 if chunk.sha256:
@@ -282,7 +286,6 @@ class UploadManager:
                     chunk = None
                 except Exception as exc:  # the client went away mid-stream
                     raise _Interrupted() from exc
-            fh.flush()
         if not final_sha:
             if not is_active():
                 raise _Interrupted()
