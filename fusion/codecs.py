@@ -299,6 +299,11 @@ def int8_blockwise_encode(data: bytes, blocksize: int = INT8_BLOCKSIZE) -> bytes
     return _frame("int8_blockwise", len(data), _compress(raw))
 
 
+def _from_bytes(b: bytes) -> torch.Tensor:
+    """A fresh uint8 tensor holding ``b`` (torch.frombuffer refuses empty buffers)."""
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+
+
 def int8_blockwise_decode(data: bytes) -> bytes:
     from bitsandbytes.functional import QuantState, create_dynamic_map, dequantize_blockwise
     from safetensors.torch import save
@@ -325,14 +330,12 @@ def int8_blockwise_decode(data: bytes) -> bytes:
         for e in head["tensors"]:
             dt, shape = DTYPES[e["dtype"]], tuple(e["shape"])
             if e["q"]:
-                codes = torch.frombuffer(bytearray(blob()), dtype=torch.uint8)
-                absmax = torch.frombuffer(bytearray(blob()), dtype=torch.float32)
+                codes = _from_bytes(blob()).view(torch.uint8)
+                absmax = _from_bytes(blob()).view(torch.float32)
                 state = QuantState(absmax=absmax, code=code, blocksize=head["blocksize"], dtype=torch.float32)
                 out[e["name"]] = dequantize_blockwise(codes, state).reshape(shape).to(dt)
             else:
-                out[e["name"]] = (
-                    torch.frombuffer(bytearray(blob()), dtype=torch.uint8).view(dt).reshape(shape).clone()
-                )
+                out[e["name"]] = _from_bytes(blob()).view(dt).reshape(shape)
     except (z.ZstdError, struct.error, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CodecError(f"int8_blockwise: damaged data ({e}); download it again") from e
     return save(out, metadata=head["metadata"] or None)

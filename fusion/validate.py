@@ -129,7 +129,10 @@ def _validate(
     lora_a, lora_b = c.entries("lora_A"), c.entries("lora_B")
     if set(lora_a) != set(lora_b):
         odd = sorted(set(lora_a) ^ set(lora_b))[0]
-        raise fail("LoRA tensors come in pairs lora_A/<module> and lora_B/<module>; one is missing", odd)
+        present = lora_a.get(odd) or lora_b[odd]
+        raise fail(
+            "LoRA tensors come in pairs lora_A/<module> and lora_B/<module>; its partner is missing", present
+        )
     if lora_a and meta.lora is None:
         raise fail("has LoRA tensors but no 'lora' metadata (r, alpha); save it with from_peft_model's meta")
     for m, a_name in lora_a.items():
