@@ -201,8 +201,10 @@ def chunk_length(
     if max_spans is not None and span_counts(n, denoiser.r, denoiser.mu)[1] > max_spans:
         while corrupted_lengths(n + 1, denoiser.r, denoiser.mu, max_spans)[0] <= budget:
             n += 1
-        while corrupted_lengths(n, denoiser.r, denoiser.mu, max_spans)[0] > budget:
-            n -= 1
+    # The helper counts round(noise / mu) spans where the mask uses max(..., 1): at short
+    # lengths with mu=64 that is one sentinel more than the helper planned for.
+    while n > 2 and corrupted_lengths(n, denoiser.r, denoiser.mu, max_spans)[0] > budget:
+        n -= 1
     return n
 
 
