@@ -73,8 +73,16 @@ def train_spiece(
         num_threads=config.num_threads,
         minloglevel=2,
     )
+    # The trainer records where it read its input; clear that so the file depends only on
+    # the corpus content (the same bytes from every cache directory on every machine).
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    del proto.trainer_spec.input[:]
+    proto.trainer_spec.model_prefix = ""
     out = Path(out_path)
-    out.write_bytes(buf.getvalue())
+    out.write_bytes(proto.SerializeToString())
     return out
 
 
