@@ -1,0 +1,70 @@
+"""Evaluation returns the manifest keys; the coldswarm-model CLI works end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from coldswarm.lm.cli import main
+from coldswarm.lm.evaluate import EvalConfig, evaluate_version, format_table
+
+SMALL = EvalConfig(
+    mod_examples_per_denoiser=2,
+    seen_tasks=("add", "antonym"),
+    seen_examples_per_task=4,
+    heldout_finetune_steps=2,
+    heldout_batch_size=4,
+    heldout_examples_per_task=4,
+)
+
+
+def test_evaluate_version_keys(version_dir, lm_cache):
+    m = evaluate_version(version_dir, SMALL, cache_dir=lm_cache)
+    assert set(m["mod_loss"]) == {"R", "X", "S"}
+    assert len(m["mod_loss_by_denoiser"]) == 7
+    assert all(math.isfinite(v) and v > 0 for v in m["mod_loss"].values())
+    assert set(m["seen"]) == {"add", "antonym"}
+    assert set(m["heldout"]) == set(SMALL.heldout_tasks)
+    for key in ("seen_exact_match", "seen_token_loss", "heldout_exact_match", "heldout_exact_match_before"):
+        assert math.isfinite(m[key])
+    json.dumps(m)  # goes into the manifest as is
+    assert "held-out task" in format_table(m)
+
+
+def test_cli_smoke(tmp_path, lm_cache, capsys, version_dir):
+    base = ["--cache-dir", str(lm_cache)]
+    assert main([*base, "build-tokenizer"]) == 0
+    assert main([*base, "collate", "--n", "2", "--inputs-length", "48", "--denoiser", "X-3-0.5"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- example") == 2 and "[NLG]" in out and "<extra_id_0>" in out
+    assert main([*base, "shard", "default:0-of-2", "--n", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("# instructions") and json.loads(lines[1])["targets"]
+    assert main([*base, "shard", "default:task=max_number"]) == 1  # held out: refused, non-zero exit
+    assert main([*base, "build-default", "--out", str(version_dir)]) == 1  # exists
+
+
+@pytest.mark.slow
+def test_cli_console_script_builds_version(tmp_path, lm_cache):
+    out = tmp_path / "v0"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coldswarm.lm.cli",
+            "--cache-dir",
+            str(lm_cache),
+            "build-default",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").exists() and (out / "spiece.model").exists()
