@@ -39,7 +39,7 @@ from .errors import ContributionError, MergeConfigError, MergeError
 from .materialise import Materialiser
 from .methods import METHODS, TensorInputs, get_method
 from .screening import ScreenConfig, screen_norms
-from .validate import validate_contribution
+from .validate import all_finite, validate_contribution
 
 F32 = torch.float32
 
@@ -324,7 +324,7 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
                     th = mats[i].theta_rows(name, b, s, e)
                     if factors[i] != 1.0 and th is not b:
                         th = b + (th - b) * factors[i]
-                    if opts.check_finite and th is not b and not bool(torch.isfinite(th).all()):
+                    if opts.check_finite and th is not b and not all_finite(th):
                         raise ContributionError(
                             contribs[i].label, "NaN/Inf in its materialised value", tensor=name
                         )
@@ -343,7 +343,7 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
                 x = TensorInputs(name=name, base=b, thetas=thetas, weights=weights, keys=keys, fishers=fishers,
                                  grams=grams_full, offset=s * row_numel, prepared=prepared)  # fmt: skip
                 out = fn(x, fn_cfg)
-                if opts.check_finite and not bool(torch.isfinite(out).all()):
+                if opts.check_finite and not all_finite(out):
                     raise MergeError(
                         f"{entry.name} produced NaN/Inf for {name!r}; check the method's options"
                     )

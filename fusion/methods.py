@@ -219,11 +219,15 @@ def fisher(x: TensorInputs, cfg: FisherConfig) -> Tensor:
     fishers = x.fishers or [None] * len(x.thetas)
     num = torch.zeros_like(x.base)
     den = torch.zeros_like(x.base)
+    floor = None
     for theta, f, w in zip(x.thetas, fishers, x.weights.tolist(), strict=True):
-        fi = torch.full_like(x.base, cfg.eps) if f is None else f.clamp_min(cfg.eps)
-        fi.mul_(w)
-        den.add_(fi)
-        num.addcmul_(fi, theta)
+        if f is None:
+            floor = torch.full_like(x.base, cfg.eps) if floor is None else floor
+            fi = floor
+        else:
+            fi = f.clamp_min(cfg.eps)
+        den.add_(fi, alpha=w)
+        num.addcmul_(fi, theta, value=w)
     # den >= eps * min(w) > 0 wherever some weight is positive.
     return num.div_(den)
 

@@ -41,6 +41,14 @@ class ValidationReport:
     gram_modules: int = 0
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when ``t`` has no NaN/Inf. Fast path: one reduction (a NaN or Inf anywhere makes the sum
+    non-finite); only a non-finite sum (or an overflow of huge finite values) pays the exact check."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 def _float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
@@ -226,7 +234,7 @@ def _validate(
     if check_values:
         for name in c.names():
             t = c.get(name, dtype=None)
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
                 raise fail(
                     f"{bad} NaN/Inf value(s); the training run diverged -- lower the learning rate and retrain",
