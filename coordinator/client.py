@@ -25,6 +25,10 @@ MANIFEST_NAME = "coldswarm-manifest.json"
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Larger TCP reads for 1 MiB chunks (see coldswarm.coordinator.server.TCP_TUNING).
+    ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
+    ("grpc.experimental.tcp_read_chunk_size", 8 * 1024 * 1024),
+    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
 ]
 
 
