@@ -1,0 +1,147 @@
+"""Round life cycles: deadlines, evaluation hook, candidates, the pretrain checkpointer's door, state."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from coldswarm.coordinator.store import SCHEMA_VERSION, Store
+from coldswarm.proto import coldswarm_pb2 as pb
+
+from .conftest import build_tiny_model, delta_contribution
+
+
+def rounds(h):
+    return h.admin.ListRounds(pb.ListRoundsRequest(), metadata=h.amd).rounds
+
+
+def wait_state(h, round_id, states, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = [r for r in rounds(h) if r.id == round_id][0]
+        if r.state in states:
+            return r
+        time.sleep(0.05)
+    raise TimeoutError(f"round {round_id} stayed {r.state}")
+
+
+def test_deadline_closes_and_merges_what_arrived(harness, tiny_model):
+    rnd = harness.open_fusion(quorum=5, deadline_s=1.5)
+    harness.register().upload(delta_contribution(tiny_model), rnd.id)
+    r = wait_state(harness, rnd.id, ("published", "failed"))
+    assert r.state == "published" and r.contributions == 1 and r.result_version == 1
+    # A round nobody contributed to fails at its deadline, and the next one can open.
+    rnd = harness.open_fusion(quorum=5, deadline_s=0.3)
+    r = wait_state(harness, rnd.id, ("published", "failed"))
+    assert r.state == "failed" and "no contributions" in r.error
+    harness.open_fusion()
+
+
+def test_evaluator_hook_and_candidates(make_harness, tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "fake_eval.py").write_text(
+        "from pathlib import Path\n"
+        "def evaluate(d):\n"
+        "    return {'score': 0.5, 'has_weights': (Path(d) / 'model.safetensors').exists()}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    h = make_harness(evaluator="fake_eval:evaluate", auto_publish=False)
+    rnd = h.open_fusion(quorum=1)
+    h.register().upload(delta_contribution(tiny_model), rnd.id)
+    r = wait_state(h, rnd.id, ("merged", "failed"))
+    assert r.state == "merged", r.error
+    v = h.admin.GetVersion(pb.GetVersionRequest(version=str(r.result_version)), metadata=h.amd)
+    assert v.state == "candidate" and not v.is_current
+    assert json.loads(v.manifest_json)["metrics"] == {"score": 0.5, "has_weights": True}
+    assert h.admin.Status(pb.StatusRequest(), metadata=h.amd).current_version == 0
+    assert h.admin.Publish(pb.PublishRequest(version=v.number), metadata=h.amd).is_current
+
+
+def test_assignments(harness):
+    harness.open_fusion(quorum=2, options_json=json.dumps({"peft_method": "ia3", "codec": "zstd"}))
+    w = harness.register()
+    a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
+    assert a.fusion.peft_method == "ia3" and a.fusion.codec == "zstd" and a.deadline > time.time()
+    assert w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md).id == a.id  # idempotent
+    w.stub.ReportAssignment(pb.ReportAssignmentRequest(assignment_id=a.id, outcome="failed"), metadata=w.md)
+    b = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
+    assert b.id != a.id and b.fusion.shard == "default:1-of-2"
+    other = harness.register()
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        other.stub.ReportAssignment(
+            pb.ReportAssignmentRequest(assignment_id=b.id, outcome="done"), metadata=other.md
+        )
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_statistics_follow_the_method(harness):
+    harness.admin.OpenRound(pb.OpenRoundRequest(kind="fusion", method="average"), metadata=harness.amd)
+    w = harness.register()
+    assert list(w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md).fusion.statistics) == []
+
+
+def test_pretrain_round_records_a_version(harness, tiny_model, tmp_path):
+    closed = []
+    harness.app.rounds.on_round_closed.append(closed.append)  # what the checkpointer hooks in
+    rnd = harness.admin.OpenRound(
+        pb.OpenRoundRequest(
+            kind="pretrain", quorum=2, options_json='{"target_batch_size": 128, "epochs": 3}'
+        ),
+        metadata=harness.amd,
+    )
+    harness.app.rounds.dht_peers = lambda: ["/ip4/127.0.0.1/tcp/31337/p2p/Qm"]
+    w = harness.register()
+    a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
+    assert a.pretrain.target_batch_size == 128 and a.pretrain.epochs == 3
+    assert list(a.pretrain.initial_peers) == ["/ip4/127.0.0.1/tcp/31337/p2p/Qm"]
+    r = harness.admin.CloseRound(pb.CloseRoundRequest(), metadata=harness.amd)
+    assert r.state == "closing" and [c.id for c in closed] == [rnd.id]
+    averaged = build_tiny_model(tmp_path / "averaged", seed=7)
+    v = harness.app.rounds.record_version(averaged, rnd.id, kind="pretrain", metrics={"loss": 3.2})
+    assert v.number == 1 and v.parent == 0 and v.kind == "pretrain" and v.is_current
+    assert v.manifest["metrics"] == {"loss": 3.2}
+    r = rounds(harness)[0]
+    assert r.state == "published" and r.result_version == 1
+
+
+def test_pretrain_close_without_checkpointer_fails_clearly(harness):
+    harness.admin.OpenRound(pb.OpenRoundRequest(kind="pretrain"), metadata=harness.amd)
+    r = harness.admin.CloseRound(pb.CloseRoundRequest(), metadata=harness.amd)
+    assert r.state == "failed" and "checkpointer" in r.error
+
+
+def test_schema_migrations(tmp_path):
+    store = Store(tmp_path / "s.sqlite")
+    assert store.schema_version() == SCHEMA_VERSION
+    assert store.one("PRAGMA journal_mode")[0] == "wal"
+    store.close()
+    assert Store(tmp_path / "s.sqlite").migrate() == SCHEMA_VERSION  # idempotent
+    conn = sqlite3.connect(tmp_path / "s.sqlite")
+    conn.execute("INSERT INTO migrations VALUES (?, 'from the future', 0)", (SCHEMA_VERSION + 1,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="upgrade coldswarm"):
+        Store(tmp_path / "s.sqlite")
+
+
+def test_init_subcommand(tmp_path, tiny_model):
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "coldswarm.coordinator.cli", "init", "--data-dir", str(data)]
+    out = subprocess.run([*cmd, "--base-model", str(tiny_model)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "admin token written to" in out.stdout and "version 0 is published" in out.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "admin token" not in again.stdout  # said once
+    bad = subprocess.run(
+        [*cmd[:-1], str(tmp_path / "other"), "--base-model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "config.json" in bad.stderr
