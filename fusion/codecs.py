@@ -143,8 +143,14 @@ def zstd_decode(data: bytes) -> bytes:
 # bytegroup
 
 
-def _safetensors_spans(data: bytes | memoryview) -> tuple[int, list[tuple[int, int, int]]] | None:
-    """(data start, [(start, end, itemsize)] sorted, tiling the data region) or None if not safetensors."""
+def _safetensors_spans(
+    data: bytes | memoryview, total: int | None = None
+) -> tuple[int, list[tuple[int, int, int]]] | None:
+    """(data start, [(start, end, itemsize)] sorted, tiling the data region) or None if not safetensors.
+
+    ``data`` needs to hold at least the header; ``total`` is the whole file's length (default len(data)).
+    """
+    total = len(data) if total is None else total
     if len(data) < 8:
         return None
     n = int.from_bytes(bytes(data[:8]), "little")
@@ -152,6 +158,8 @@ def _safetensors_spans(data: bytes | memoryview) -> tuple[int, list[tuple[int, i
         return None
     try:
         header = json.loads(bytes(data[8 : 8 + n]))
+        if not isinstance(header, dict):
+            return None
         spans = []
         for name, info in header.items():
             if name == "__metadata__":
@@ -167,7 +175,7 @@ def _safetensors_spans(data: bytes | memoryview) -> tuple[int, list[tuple[int, i
         if s != pos or e < s or (e - s) % k:
             return None
         pos = e
-    if 8 + n + pos != len(data):
+    if 8 + n + pos != total:
         return None
     return 8 + n, spans
 
@@ -192,9 +200,9 @@ def bytegroup_encode(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
         buf = np.frombuffer(mv, dtype=np.uint8)
         for k, ranges in _groups(spans).items():
             joined = np.concatenate([buf[start + s : start + e] for s, e in ranges]) if ranges else buf[:0]
-            planes = joined.reshape(-1, k)
+            planes = np.ascontiguousarray(joined.reshape(-1, k).T)  # one transpose: row j = byte j of all
             for j in range(k):
-                sections.append(_compress(np.ascontiguousarray(planes[:, j]).data, level))
+                sections.append(_compress(planes[j].data, level))
     body = struct.pack("<BI", 0 if parsed is None else 1, len(sections))
     body += b"".join(struct.pack("<Q", len(s)) for s in sections)
     return _frame("bytegroup", len(data), body + b"".join(sections))
@@ -221,7 +229,7 @@ def bytegroup_decode(data: bytes) -> bytes:
         raise CodecError("bytegroup: the embedded safetensors header is invalid")
     out = bytearray(orig)
     out[: len(head)] = head
-    parsed = _safetensors_spans(memoryview(head + bytes(orig - len(head))))
+    parsed = _safetensors_spans(head, total=orig)
     if parsed is None:
         raise CodecError("bytegroup: the embedded safetensors header is invalid")
     start, spans = parsed
@@ -231,13 +239,13 @@ def bytegroup_decode(data: bytes) -> bytes:
         total = sum(e - s for s, e in ranges)
         if i + k > len(chunks):
             raise CodecError("bytegroup: fewer byte planes than the header needs; the data is damaged")
-        planes = np.empty((total // k, k), dtype=np.uint8)
+        planes = np.empty((k, total // k), dtype=np.uint8)
         for j in range(k):
-            planes[:, j] = np.frombuffer(
+            planes[j] = np.frombuffer(
                 _decompress(chunks[i + j], total // k, "bytegroup plane"), dtype=np.uint8
             )
+        flat = np.ascontiguousarray(planes.T).reshape(-1)
         i += k
-        flat = planes.reshape(-1)
         pos = 0
         for s, e in ranges:
             outv[start + s : start + e] = flat[pos : pos + e - s]
