@@ -331,8 +331,22 @@ class RoundManager:
         return rnd
 
     def tick(self) -> None:
-        """Close rounds whose deadline passed."""
+        """Close rounds whose deadline passed; free the assignments of workers gone silent."""
         now = time.time()
+        stale = [
+            r["id"]
+            for r in self.store.all(
+                "SELECT a.id, a.worker_id FROM assignments a JOIN rounds r ON r.id=a.round_id "
+                "WHERE a.state='active' AND r.state='open'"
+            )
+            if not self.workers.is_active(r["worker_id"], now)
+        ]
+        if stale:
+            with self.store.tx() as c:
+                c.executemany(
+                    "UPDATE assignments SET state='expired', message='worker went silent' WHERE id=?",
+                    [(i,) for i in stale],
+                )
         for r in self.store.all(
             "SELECT id FROM rounds WHERE state='open' AND deadline>0 AND deadline<?", (now,)
         ):

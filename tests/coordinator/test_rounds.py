@@ -145,3 +145,30 @@ def test_init_subcommand(tmp_path, tiny_model):
         timeout=120,
     )
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_silent_workers_lose_their_assignment(make_harness):
+    h = make_harness(worker_gone_after_s=0.5)
+    h.open_fusion(quorum=2)
+    w = h.register()
+    a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
+    time.sleep(1.0)
+    assert h.admin.ListWorkers(pb.ListWorkersRequest(), metadata=h.amd).workers == []
+    gone = h.admin.ListWorkers(pb.ListWorkersRequest(include_gone=True), metadata=h.amd).workers
+    assert [x.state for x in gone] == ["gone"]
+    # Back again: the old assignment expired, it gets a fresh one.
+    assert w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md).id != a.id
+
+
+def test_health_and_reflection(harness):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(harness.channel)
+    for service in ("", "coldswarm.v1.WorkerService", "coldswarm.v1.AdminService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(harness.channel)
+    resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in resp.list_services_response.service}
+    assert {"coldswarm.v1.WorkerService", "coldswarm.v1.AdminService", "grpc.health.v1.Health"} <= names
