@@ -208,6 +208,7 @@ class SwarmProgress:
     swarm_peers: int  # peers the progress tracker sees (including this one)
     swarm_samples: int  # samples the swarm accumulated towards the next global step
     target_batch_size: int
+    local_fallbacks: int  # global steps this peer took with only its own gradients while others were present
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -223,6 +224,7 @@ class SwarmResult:
     loss: float  # mean loss over the last 50 steps (nan if no step)
     seconds: float
     samples_per_s: float
+    local_fallbacks: int  # see SwarmProgress.local_fallbacks
     reason: str  # "max_epochs" | "max_steps" | "exhausted" | "stopped"
 
     def as_metrics(self) -> dict[str, float]:
@@ -365,6 +367,8 @@ class SwarmTrainer:
         self._last_metrics_time = -math.inf
         self._train_seconds = 0.0
         self.loaded_state_from_peers = False
+        self.local_fallbacks = 0  # global steps taken with local gradients although other peers were present
+        self._diverged_epoch = None
 
     # -- life cycle ---------------------------------------------------------------------------------------
 
@@ -410,8 +414,25 @@ class SwarmTrainer:
             tracker_opts=dict(metadata_expiration=cfg.peer_expiration),
             verbose=cfg.verbose,
         )
+        self._watch_local_fallbacks(self.optimizer)
         self.sync_with_swarm()
         return self
+
+    def _watch_local_fallbacks(self, opt) -> None:
+        # hivemind falls back to this peer's own gradients when a gradient all-reduce fails (timeout, group
+        # not found: typically a peer that arrived or fell behind just as the others averaged). Its parameters
+        # then differ from the swarm's until the next state averaging. Count it (a health metric: hivemind
+        # suggests raising averaging_timeout when it happens on >= 25% of epochs) and, for this epoch, rank our
+        # state below the peers that did average, so late joiners and the checkpointer download theirs.
+        fall_back = opt._load_local_gradients_into_optimizer
+
+        def counting_fall_back():
+            if opt.tracker.global_progress.num_peers > 1:
+                self.local_fallbacks += 1
+                self._diverged_epoch = opt.local_epoch + 1  # the epoch this step is about to enter
+            return fall_back()
+
+        opt._load_local_gradients_into_optimizer = counting_fall_back
 
     def sync_with_swarm(self) -> bool:
         """Download parameters and optimizer state from the most advanced peer if the swarm is ahead of us
@@ -499,6 +520,7 @@ class SwarmTrainer:
             loss=self._mean_loss(),
             seconds=self._train_seconds,
             samples_per_s=self._samples / max(self._train_seconds, 1e-9),
+            local_fallbacks=self.local_fallbacks,
             reason=reason,
         )
 
@@ -515,6 +537,14 @@ class SwarmTrainer:
         loss.backward()
         opt.step(batch_size=batch_size)
         opt.zero_grad()
+        if (
+            self._diverged_epoch is not None
+            and opt.local_epoch == self._diverged_epoch
+            and not cfg.client_mode
+        ):
+            # hivemind sets the priority to local_epoch at each epoch; sit just below peers that averaged.
+            opt.state_averager.state_sharing_priority = opt.local_epoch - 0.5
+            self._diverged_epoch = None
         self._steps += 1
         self._samples += batch_size
         self._losses.append(float(loss.detach()))
@@ -536,6 +566,7 @@ class SwarmTrainer:
             swarm_peers=max(int(global_progress.num_peers), 1),
             swarm_samples=int(global_progress.samples_accumulated),
             target_batch_size=self.config.target_batch_size,
+            local_fallbacks=self.local_fallbacks,
         )
 
     def finish_pending(self) -> None:
