@@ -10,6 +10,7 @@ should stay below 10%. Timings are printed, never asserted.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 import numpy as np
@@ -34,7 +35,7 @@ def main() -> None:
 
     tok = load_tokenizer(build_default_tokenizer(args.cache_dir))
     collator = MoDCollator(special_ids(tok), MoDConfig(inputs_length=args.inputs_length))
-    need = (args.batches + args.steps + 1) * args.batch_size * collator.max_chunk_length
+    need = 20 * args.batch_size * collator.max_chunk_length  # then cycled
     docs, total = [], 0
     for ids in tokenize_documents(iter_documents(CorpusConfig()), tok):
         docs.append(np.asarray(ids, dtype=np.int64))
@@ -44,7 +45,7 @@ def main() -> None:
 
     # Collator alone: packing + masking + padding + conversion to torch tensors (tokenization excluded:
     # it happens once per document, before the collator, and is cached by any real pipeline).
-    batches = collator.iter_batches(iter(docs), args.batch_size, drop_last=True)
+    batches = collator.iter_batches(itertools.cycle(docs), args.batch_size, drop_last=True)
     next(batches)
     t0 = time.perf_counter()
     for _ in range(args.batches):
