@@ -77,6 +77,9 @@ class FusionHyperparameters:
             raise ValueError("steps and batch_size must be at least 1")
         if hp.fisher_kind not in ("expected", "empirical"):
             raise ValueError(f"fisher_kind must be expected or empirical, not {hp.fisher_kind!r}")
+        unknown_stats = sorted(set(hp.statistics) - {"fisher", "regmean"})
+        if unknown_stats:
+            raise ValueError(f"unknown statistics {unknown_stats}: the worker collects fisher and regmean")
         if not hp.lr:
             hp.lr = {"lora": 1e-3, "ia3": 5e-3, "full": 3e-4}[hp.peft_method]
         return hp
