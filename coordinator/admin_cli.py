@@ -207,7 +207,7 @@ _ROUND_HEADERS = ["ID", "KIND", "STATE", "BASE", "CONTRIB", "QUORUM", "METHOD", 
 
 def _version_row(v) -> list:
     return [
-        "*" if v.is_current else "",
+        "*" if v.is_current else " ",
         v.number,
         _opt(v, "parent"),
         _opt(v, "round_id"),
@@ -309,7 +309,11 @@ def explain(exc: grpc.RpcError, args) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --json is global but also accepted after the subcommand (`coldswarm-admin status --json`).
+    as_json = "--json" in argv
+    args = parser.parse_args([a for a in argv if a != "--json"])
+    args.json = as_json
     try:
         token = resolve_token(args)
         try:

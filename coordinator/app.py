@@ -83,11 +83,11 @@ class Coordinator:
         try:
             out = work / "model"
             build_default_version(out, size="tiny")
-            return self.create_version0(out, method="init")
+            return self.create_version0(out, method="init", source="coldswarm.lm.default (tiny)")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def create_version0(self, model_dir: Path, method: str = "init") -> VersionRow:
+    def create_version0(self, model_dir: Path, method: str = "init", source: str | None = None) -> VersionRow:
         """Record ``model_dir`` as version 0 and publish it."""
         if self.versions.count():
             from coldswarm.coordinator.errors import FailedPrecondition
@@ -100,7 +100,7 @@ class Coordinator:
             kind="init",
             method=method,
             publish=True,
-            extra={"source": str(Path(model_dir).resolve())},
+            extra={"source": source or str(Path(model_dir).resolve())},
         )
         log.info("version 0 created from %s", model_dir)
         return row

@@ -43,7 +43,7 @@ def test_status_tokens_rounds(harness, capsys):
         capsys=capsys,
     )
     assert rc == 0 and "open" in out
-    rc, out, _ = admin(harness, "--json", "status", capsys=capsys)
+    rc, out, _ = admin(harness, "status", "--json", capsys=capsys)
     assert json.loads(out)["open_round"]["quorum"] == 3
     rc, out, _ = admin(harness, "round", "close", "--cancel", capsys=capsys)
     assert rc == 0 and "cancelled" in out
