@@ -76,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="exit after this long with no work offered (default: wait forever)",
     )
+    p.add_argument(
+        "--swarm-listen",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="where the hivemind peer listens in pretrain rounds, e.g. /ip4/0.0.0.0/tcp/31400 (repeatable)",
+    )
+    p.add_argument(
+        "--swarm-announce",
+        action="append",
+        default=[],
+        metavar="MULTIADDR",
+        help="address other peers should dial, e.g. /ip4/<public ip>/tcp/31400 behind NAT (repeatable)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--log-format",
@@ -118,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         ca_file=args.ca_file,
         max_assignments=args.max_assignments,
         exit_when_idle_s=args.exit_when_idle,
+        swarm_host_maddrs=args.swarm_listen,
+        swarm_announce_maddrs=args.swarm_announce,
     )
     try:
         worker = Worker(config)

@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -76,6 +76,10 @@ class WorkerConfig:
     """Exit after this many assignments (0: run until stopped)."""
     exit_when_idle_s: float = 0.0
     """Exit after this long with no work offered (0: wait for work forever)."""
+    swarm_host_maddrs: list[str] = field(default_factory=list)
+    """Multiaddrs this worker's hivemind peer listens on in pretrain rounds."""
+    swarm_announce_maddrs: list[str] = field(default_factory=list)
+    """Multiaddrs other peers should dial (a public address behind NAT)."""
 
 
 class Worker:
@@ -235,6 +239,8 @@ class Worker:
                 progress=self.progress,
                 cancel=self.cancel,
                 dht_initial_peers=list(self.session.dht_initial_peers) if self.session else [],
+                swarm_host_maddrs=list(self.config.swarm_host_maddrs),
+                swarm_announce_maddrs=list(self.config.swarm_announce_maddrs),
             )
             result = self._run_job(kind, ctx)
             if result.payload is not None:

@@ -28,6 +28,11 @@ class JobContext:
     cancel: threading.Event
     """Set when the worker must stop: check it at every step boundary and raise :class:`Cancelled`."""
     dht_initial_peers: list[str] = field(default_factory=list)
+    """The coordinator's DHT peers (from registration), when a pretrain task names none."""
+    swarm_host_maddrs: list[str] = field(default_factory=list)
+    """Where this worker's hivemind peer listens (empty: hivemind's default, all interfaces)."""
+    swarm_announce_maddrs: list[str] = field(default_factory=list)
+    """Addresses other peers should dial (a public address behind NAT)."""
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():

@@ -1,0 +1,121 @@
+"""A pretrain assignment: UL2 Mixture-of-Denoisers over hivemind with the round's other workers.
+
+The worker loads the base version, joins the round's hivemind run (``run_id``)
+through the coordinator's DHT peer, and trains on MoD batches from its corpus
+shard until the swarm reaches the round's epoch count. Gradients are averaged
+8-bit and parameters fp16 (:mod:`coldswarm.worker.swarm`). Nothing is uploaded:
+the coordinator's checkpointer downloads the averaged state from the swarm, so
+after training the worker stays in the run, serving its state, until the
+checkpointer announces it has collected it (or ``serve_state_timeout_s``
+passes).
+
+Round options (``PretrainTask.hyperparameters_json``) take the
+:class:`PretrainDataOptions` fields below plus any :class:`SwarmConfig` field
+(``lr``, ``matchmaking_time``, ``averaging_timeout``, ``grad_compression``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from coldswarm.lm.batching import mod_batches
+from coldswarm.lm.data import resolve_shard
+from coldswarm.lm.mod import MoDConfig
+from coldswarm.lm.tokenizer import load_tokenizer
+from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.worker.devices import load_seq2seq
+from coldswarm.worker.jobs import Cancelled, JobContext, JobResult
+from coldswarm.worker.swarm import SwarmConfig, SwarmProgress, SwarmTrainer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainDataOptions:
+    """The data side of a pretrain round's options."""
+
+    batch_size: int = field(default=8, metadata={"help": "MoD examples per local step"})
+    inputs_length: int = field(default=128, metadata={"help": "encoder length of MoD examples"})
+    serve_state_timeout_s: float = field(
+        default=180.0, metadata={"help": "after training, wait this long for the checkpointer to collect"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the MoD collator (masks, denoiser choice)"})
+
+
+def split_options(task: pb.PretrainTask) -> tuple[PretrainDataOptions, dict]:
+    """Data options for this module; everything else goes to :class:`SwarmConfig` (which refuses unknown keys)."""
+    options = json.loads(task.hyperparameters_json) if task.hyperparameters_json else {}
+    if not isinstance(options, dict):
+        raise ValueError("the round's hyperparameters must be a JSON object")
+    names = {f.name for f in dataclasses.fields(PretrainDataOptions)}
+    data = PretrainDataOptions(**{k: v for k, v in options.items() if k in names})
+    # The round's own fields are PretrainTask's (run_id, epochs, ...); keep them out of the swarm options.
+    swarm = {k: v for k, v in options.items() if k not in names and k not in ("epochs", "target_batch_size")}
+    return data, swarm
+
+
+def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
+    data, swarm_options = split_options(task)
+    if not task.initial_peers and not ctx.dht_initial_peers:
+        raise ValueError("the pretrain task names no DHT peers to join; the coordinator runs none")
+    peers = list(task.initial_peers) or ctx.dht_initial_peers
+    overrides = {"initial_peers": peers, "device": ctx.device, "batch_size_per_step": data.batch_size}
+    if ctx.swarm_host_maddrs:
+        overrides["host_maddrs"] = ctx.swarm_host_maddrs
+    if ctx.swarm_announce_maddrs:
+        overrides["announce_maddrs"] = ctx.swarm_announce_maddrs
+    config = SwarmConfig.from_task(task, swarm_options, **overrides)
+
+    tokenizer = load_tokenizer(ctx.version_dir)
+    model = load_seq2seq(ctx.version_dir, ctx.device)
+    shard = resolve_shard(task.corpus_shard or "corpus:0-of-1", ctx.data_dir)
+    mod = MoDConfig(inputs_length=data.inputs_length, seed=data.seed)
+    # Loop over the shard for as long as the swarm trains; each pass draws fresh masks.
+    batches = (b for epoch in itertools.count() for b in mod_batches(shard, tokenizer, data.batch_size, mod))
+    log.info("pretrain run %s: %s, %d peers to join", task.run_id, shard.description, len(peers))
+
+    ctx.progress.update(phase="training", step=0, total_steps=0)
+    last_log = [0.0]
+
+    def on_progress(p: SwarmProgress) -> None:
+        ctx.progress.update(
+            step=p.step,
+            loss=p.loss,
+            samples_per_s=p.samples_per_s,
+            metrics={"epoch": float(p.epoch), "swarm_peers": float(p.swarm_peers)},
+        )
+        if time.monotonic() - last_log[0] > 10:
+            last_log[0] = time.monotonic()
+            log.info(
+                "step %d epoch %d/%s loss %.3f, %d peer(s), %.1f samples/s",
+                p.step,
+                p.epoch,
+                task.epochs or "-",
+                p.loss_avg,
+                p.swarm_peers,
+                p.samples_per_s,
+            )
+
+    with SwarmTrainer(model, config, on_progress=on_progress) as trainer:
+        stop_watch = threading.Thread(target=lambda: (ctx.cancel.wait(), trainer.stop()), daemon=True)
+        stop_watch.start()
+        result = trainer.train(batches)
+        if result.reason == "stopped":
+            raise Cancelled(f"stopped at local step {result.steps} (epoch {result.epoch})")
+        ctx.progress.update(phase="serving_state")
+        collected = trainer.serve_state(timeout=data.serve_state_timeout_s)
+        if not collected and not ctx.cancel.is_set():
+            log.warning(
+                "the checkpointer did not collect run %s within %.0fs",
+                task.run_id,
+                data.serve_state_timeout_s,
+            )
+    metrics = {f"swarm_{k}": v for k, v in result.as_metrics().items()}
+    metrics["collected"] = float(collected)
+    return JobResult(num_examples=result.samples, metrics=metrics)
