@@ -300,7 +300,7 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
                 fn_cfg = fn.config()
             chunkable = fn.chunkable and grams_full is None
             # live fp32 copies per row: thetas (+ Fishers) per contribution, base, output, temporaries
-            per_row = 4 * row_numel * (len(active) * (2 if entry.needs_fisher else 1) + 4)
+            per_row = 4 * row_numel * (len(active) * fn.work_copies + 4)
             step = max(1, chunk_budget // per_row) if chunkable else rows
             prepared = None
             if fn.prepare is not None and step < rows:
@@ -311,7 +311,11 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
                 for i in active:
                     d = mats[i].delta_rows(name, full_base.reshape(rows, *shape[1:]), 0, rows)
                     d = d if d is not None else torch.zeros_like(full_base)
-                    prepared.append(fn.prepare(d * factors[i], fn_cfg))
+                    value = fn.prepare(d, fn_cfg)
+                    # a clipped contribution's delta is d * factor; TIES' threshold scales with it
+                    if factors[i] != 1.0 and isinstance(value, float):
+                        value *= factors[i]
+                    prepared.append(value)
                     del d
                 del full_base
                 timings["prepass_s"] += time.perf_counter() - t0
