@@ -197,8 +197,9 @@ class TrimmedMeanConfig:
 
 
 def _weighted_sum(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights.tolist(), strict=True):
+    ws = weights.tolist()
+    out = tensors[0] * ws[0]  # not zeros + add: one pass fewer over each chunk
+    for t, w in zip(tensors[1:], ws[1:], strict=True):
         out.add_(t, alpha=w)
     return out
 
