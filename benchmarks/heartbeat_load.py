@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument(
         "--burst", type=int, default=3, help="synchronised bursts after the steady phase (0: none)"
     )
+    ap.add_argument(
+        "--threads", type=int, default=None, help="the coordinator's --threads (default: its own)"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="coldswarm-hb-") as tmp:
         work = Path(tmp)
@@ -139,6 +142,7 @@ def main() -> None:
             [
                 sys.executable, "-m", "coldswarm.coordinator.cli", "serve", "--data-dir", str(data_dir),
                 "--listen", address, "--base-model", str(base), "--log-level", "WARNING",
+                *(["--threads", str(args.threads)] if args.threads else []),
             ],
             stdout=subprocess.DEVNULL, stderr=open(work / "coordinator.log", "wb"),
         )  # fmt: skip
