@@ -1,0 +1,187 @@
+"""Does fusion help? The two claims coldswarm is built on, measured on the embedded default.
+
+Seeded, repeated over ``--seeds``, printing mean and spread. Everything runs in
+this process with the real pieces: contributions are made by the worker's own
+fusion job (:func:`coldswarm.worker.fusion_job.run_fusion_job`: PEFT finetune,
+Fisher + Gram statistics, safetensors payload) and merged by the coordinator's
+merge driver (:func:`coldswarm.fusion.merge.merge_checkpoints`).
+
+1. **Merging (Matena & Raffel 2021; Jin et al. 2022; Yadav et al. 2023).** Four
+   contributions finetuned from the same base on different seen-task groups
+   (``default:i-of-4``) are merged with ``average``, ``fisher``, ``regmean`` and
+   ``ties``; each merged model's mean exact match on the four groups' tasks is
+   printed next to each contributor's own score (on all of those tasks and on its
+   own group) and the base's.
+2. **ColD Fusion (Don-Yehiya et al. 2023).** Starting from version 0, each round
+   four contributors finetune the current base on their groups and the merge
+   (``--cold-method``, default ``average`` as in the paper) becomes the next base.
+   After 0, 1, 2 and 3 rounds, the held-out tasks' exact match after the short,
+   fixed, seeded finetune of :mod:`coldswarm.lm.evaluate` measures whether the
+   base became a better starting point.
+
+    python benchmarks/fusion_quality.py                 # the README's figures
+    python benchmarks/fusion_quality.py --quick         # a smoke run (minutes)
+
+Nothing here is asserted; it prints what comes out, including where a claim
+does not reproduce at this scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from coldswarm.fusion.merge import merge_checkpoints
+from coldswarm.lm.default import build_default_version
+from coldswarm.lm.evaluate import EvalConfig, evaluate_model, score_records
+from coldswarm.lm.model import load_model
+from coldswarm.lm.tasks import SEEN_TASKS, load_task_split
+from coldswarm.lm.tokenizer import load_tokenizer
+from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.worker.fusion_job import run_fusion_job
+from coldswarm.worker.jobs import JobContext
+from coldswarm.worker.progress import Progress
+
+MERGE_METHODS = ["average", "fisher", "regmean", "ties"]
+
+
+def contribute(base_dir: Path, work: Path, shard: str, hp: dict, seed: int, tag: str) -> Path:
+    """One worker's contribution, made exactly as join-swarm makes it."""
+    task = pb.FusionTask(
+        shard=shard,
+        peft_method=hp["peft_method"],
+        hyperparameters_json=json.dumps({k: v for k, v in hp.items() if k != "peft_method"} | {"seed": seed}),
+        statistics=["fisher", "regmean"],
+        codec="none",
+    )
+    scratch = work / f"scratch-{tag}"
+    scratch.mkdir(parents=True)
+    assignment = pb.Assignment(id=tag, round_id=1, base_version=0, fusion=task)
+    ctx = JobContext(assignment, base_dir, scratch, None, "cpu", Progress(), threading.Event())
+    return run_fusion_job(ctx, task).payload
+
+
+def merge(base_dir: Path, contributions: list[Path], method: str, out: Path) -> Path:
+    merge_checkpoints(base_dir, contributions, method, {}, out)
+    return out
+
+
+def group_tasks(n: int) -> list[list[str]]:
+    from coldswarm.lm.data import default_task_groups
+
+    return [sorted({t for t, _, _ in g}) for g in default_task_groups(n)]
+
+
+def exact_match(model_dir: Path, tasks: list[str], n: int) -> float:
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    config = EvalConfig(batch_size=32)
+    scores = [score_records(model, tok, load_task_split(t, "test")[:n], config)["exact_match"] for t in tasks]
+    return sum(scores) / len(scores)
+
+
+def heldout_after_finetune(model_dir: Path, config: EvalConfig) -> float:
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    return evaluate_model(model, tok, config)["heldout_exact_match"]
+
+
+def mean_sd(xs: list[float]) -> str:
+    if len(xs) == 1:
+        return f"{xs[0]:.3f}"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
+
+
+def run_merging(args, seed: int, base: Path, work: Path, groups: list[list[str]]) -> dict[str, float]:
+    hp = {"peft_method": args.peft, "steps": args.steps, "batch_size": args.batch_size}
+    tasks = sorted({t for g in groups for t in g})
+    contribs = [
+        contribute(base, work, f"default:{i}-of-{len(groups)}", hp, seed, f"m{i}") for i in range(len(groups))
+    ]
+    row = {"base": exact_match(base, tasks, args.examples)}
+    for i, c in enumerate(contribs):
+        own = merge(base, [c], "average", work / f"own-{i}")
+        row[f"contributor {i} (all tasks)"] = exact_match(own, tasks, args.examples)
+        row[f"contributor {i} (own group)"] = exact_match(own, groups[i], args.examples)
+    for method in MERGE_METHODS:
+        row[f"merged: {method}"] = exact_match(
+            merge(base, contribs, method, work / f"merged-{method}"), tasks, args.examples
+        )
+    return row
+
+
+def run_cold_fusion(args, seed: int, base: Path, work: Path, n: int) -> dict[str, float]:
+    hp = {"peft_method": args.peft, "steps": args.steps, "batch_size": args.batch_size}
+    config = EvalConfig(
+        mod_examples_per_denoiser=1,
+        seen_tasks=(SEEN_TASKS[0],),
+        seen_examples_per_task=1,
+        heldout_finetune_steps=args.heldout_steps,
+        heldout_examples_per_task=args.examples,
+        seed=seed,
+    )
+    row = {"round 0 (version 0)": heldout_after_finetune(base, config)}
+    current = base
+    for r in range(1, args.rounds + 1):
+        contribs = [
+            contribute(current, work, f"default:{i}-of-{n}", hp, seed + 100 * r, f"c{r}-{i}")
+            for i in range(n)
+        ]
+        current = merge(current, contribs, args.cold_method, work / f"cold-{r}")
+        row[f"round {r}"] = heldout_after_finetune(current, config)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--contributors", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--peft", default="lora", choices=["lora", "ia3", "full"])
+    p.add_argument("--steps", type=int, default=150, help="finetuning steps per contribution")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--examples", type=int, default=32, help="test examples per task")
+    p.add_argument("--heldout-steps", type=int, default=30, help="the short finetune on held-out tasks")
+    p.add_argument("--cold-method", default="average")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--quick", action="store_true", help="1 seed, 2 contributors, 1 round, few steps")
+    p.add_argument("--skip", choices=["merging", "cold"], default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.seeds, args.contributors, args.rounds, args.steps, args.examples = [0], 2, 1, 10, 8
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    merging_rows, cold_rows = [], []
+    with tempfile.TemporaryDirectory(prefix="fusion-quality-") as tmp:
+        tmp = Path(tmp)
+        groups = group_tasks(args.contributors)
+        for seed in args.seeds:
+            base = build_default_version(tmp / f"v0-{seed}", seed=seed)
+            if args.skip != "merging":
+                merging_rows.append(run_merging(args, seed, base, tmp / f"merging-{seed}", groups))
+            if args.skip != "cold":
+                cold_rows.append(run_cold_fusion(args, seed, base, tmp / f"cold-{seed}", args.contributors))
+            print(f"seed {seed} done after {time.monotonic() - started:.0f}s", flush=True)
+
+    print(f"\nsettings: {vars(args)}")
+    print(f"task groups: {groups}")
+    for title, rows in (
+        (f"1. merging {args.contributors} contributions: mean exact match on their tasks", merging_rows),
+        ("2. ColD Fusion: held-out exact match after the short finetune", cold_rows),
+    ):
+        if not rows:
+            continue
+        print(f"\n{title} (mean ± sd over {len(rows)} seed(s))")
+        for key in rows[0]:
+            print(f"  {key:32s} {mean_sd([r[key] for r in rows])}")
+    print(f"\ntotal {time.monotonic() - started:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
