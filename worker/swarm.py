@@ -337,6 +337,8 @@ class SwarmTrainer:
     :param on_progress: called with a :class:`SwarmProgress` after every local step (from the training thread).
     :param loss_fn: ``(model, batch) -> scalar loss`` to override the default.
     :param dht: an already running ``hivemind.DHT`` to use instead of starting one (not shut down by us).
+    :param grad_compression: a hivemind ``CompressionBase`` to use instead of ``config.grad_compression``
+      (``benchmarks/swarm.py`` wraps one in ``ByteCountingCompression``).
 
     Life cycle: :meth:`start` (or ``with``) joins the DHT and syncs with the swarm; :meth:`train` runs until
     a stop condition; :meth:`serve_state` keeps serving downloads for the checkpointer; :meth:`shutdown`.
@@ -352,6 +354,7 @@ class SwarmTrainer:
         on_progress: Callable[[SwarmProgress], None] | None = None,
         loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
         dht=None,
+        grad_compression=None,
     ):
         self.model = model
         self.config = config
@@ -359,6 +362,7 @@ class SwarmTrainer:
         self.loss_fn = loss_fn or _default_loss
         self.dht = dht
         self._own_dht = dht is None
+        self._grad_compression = grad_compression
         self.optimizer = None  # hivemind.Optimizer once started
         self._stop = threading.Event()
         self._steps = 0
@@ -407,7 +411,8 @@ class SwarmTrainer:
             average_state_every=cfg.average_state_every or 10**9,
             offload_optimizer=True,
             client_mode=cfg.client_mode,
-            grad_compression=make_compression(cfg.grad_compression, cfg.size_threshold),
+            grad_compression=self._grad_compression
+            or make_compression(cfg.grad_compression, cfg.size_threshold),
             state_averaging_compression=make_compression(cfg.state_compression, cfg.size_threshold),
             load_state_compression=make_compression(cfg.load_state_compression, cfg.size_threshold),
             averager_opts=dict(request_timeout=cfg.request_timeout),
