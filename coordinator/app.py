@@ -60,6 +60,10 @@ class Coordinator:
     def init_state(self) -> str | None:
         """Admin token and version 0, when missing. Returns a newly made admin token, else None."""
         token = self.auth.ensure_admin_token()
+        if self.config.join_token_file is not None and self.auth.ensure_join_token_file(
+            self.config.join_token_file
+        ):
+            log.info("join token written to %s", self.config.join_token_file)
         self.ensure_version0()
         return token
 

@@ -50,6 +50,21 @@ def bearer_from_metadata(metadata: Iterable[tuple[str, str]] | None) -> str | No
     return None
 
 
+def _write_private(path: Path, token: str) -> None:
+    """Write ``token`` to ``path`` atomically, readable only by this user."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    # Created 0600 from the start (not chmod'ed after) so no other user can ever read it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 @dataclass(frozen=True)
 class Principal:
     kind: str  # "admin", "join" or "worker"
@@ -100,19 +115,27 @@ class Auth:
         if any(t.kind == "admin" and not t.revoked for t in self._tokens.values()):
             return None
         token = new_token("admin")
-        path = self.admin_token_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        # Created 0600 from the start (not chmod'ed after) so no other user can ever read it.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        _write_private(self.admin_token_path, token)
         self._insert("admin", "admin", token)
         self.admin_token_created = token
         return token
+
+    def ensure_join_token_file(self, path: Path) -> bool:
+        """Keep a valid join token in ``path`` (0600); mint one when it is missing or no longer valid.
+
+        Returns True when a new token was written.
+        """
+        path = Path(path)
+        try:
+            existing = path.read_text().strip()
+        except OSError:
+            existing = ""
+        row = self._tokens.get(token_hash(existing)) if existing else None
+        if row is not None and row.kind == "join" and not row.revoked:
+            return False
+        _row, token = self.create_join_token(f"file {path.name}")
+        _write_private(path, token)
+        return True
 
     # -- join tokens ----------------------------------------------------------------------
 

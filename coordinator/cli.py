@@ -3,9 +3,11 @@
     coldswarm-coordinator serve [--data-dir DIR] [--listen HOST:PORT] [--tls-cert F --tls-key F]
                                 [--base-model DIR] [...]
     coldswarm-coordinator init  [--data-dir DIR] [--base-model DIR]
+    coldswarm-coordinator health [--address HOST:PORT] [--ca-file F]
 
 ``init`` makes the admin token and version 0 and exits; ``serve`` does the same
-when needed and then serves until SIGINT/SIGTERM.
+when needed and then serves until SIGINT/SIGTERM; ``health`` asks a running
+coordinator's gRPC health service (exit 0 when serving; for container health checks).
 """
 
 from __future__ import annotations
@@ -30,11 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="make the admin token and version 0, then exit")
     add_arguments(init)
     init.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    health = sub.add_parser("health", help="ask a coordinator's gRPC health service; exit 0 when serving")
+    health.add_argument("--address", default="127.0.0.1:50051", help="HOST:PORT (default 127.0.0.1:50051)")
+    health.add_argument("--ca-file", default=None, help="CA certificate when the coordinator serves TLS")
+    health.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     return parser
+
+
+def health_check(address: str, ca_file: str | None, timeout: float) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from coldswarm.coordinator.client import open_channel
+
+    try:
+        with open_channel(address, ca_file) as channel:
+            status = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+    except grpc.RpcError as exc:
+        print(
+            f"coldswarm-coordinator: {address} is not answering: {exc.code().name} {exc.details()}",
+            file=sys.stderr,
+        )
+        return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status.status)
+    print(f"{address}: {name}")
+    return 0 if status.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":
+        return health_check(args.address, args.ca_file, args.timeout)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -58,6 +58,19 @@ class CoordinatorConfig:
         "(e.g. an evaluator from coldswarm.lm). Empty: no evaluation.",
     )
     dht_peers: list[str] = _opt([], "Multiaddrs of the swarm's DHT bootstrap peers handed to workers.")
+    dht_listen: list[str] = _opt(
+        [],
+        "Multiaddrs for the swarm's DHT bootstrap peer and pretrain checkpointer, e.g. "
+        "/ip4/0.0.0.0/tcp/31337 (needs hivemind). Off when empty: pretrain rounds then use --dht-peers.",
+    )
+    dht_announce: list[str] = _opt(
+        [], "Multiaddrs workers should dial for that peer (public address behind NAT)."
+    )
+    join_token_file: Path | None = _opt(
+        None,
+        "Also mint a join token at first start and write it to this file (mode 0600), e.g. for "
+        "workers on the same machine or a shared volume; kept across restarts while valid.",
+    )
     merge_delay_s: float = _opt(
         0.0,
         "Testing only: sleep this long inside every merge, after the merged weights are written "
@@ -74,6 +87,8 @@ class CoordinatorConfig:
             self.tls_key = Path(self.tls_key)
         if self.base_model is not None:
             self.base_model = Path(self.base_model)
+        if self.join_token_file is not None:
+            self.join_token_file = Path(self.join_token_file)
         if not self.merge_delay_s:
             self.merge_delay_s = float(os.environ.get("COLDSWARM_TEST_MERGE_DELAY_S", "0") or 0)
         if (self.tls_cert is None) != (self.tls_key is None):

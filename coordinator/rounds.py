@@ -650,6 +650,14 @@ class RoundManager:
         log.info("round %d merged (%s) into version %d", rnd.id, method, version.number)
         return version
 
+    def fail_round(self, round_id: int, error: str) -> None:
+        """Mark a closing/merging round failed with ``error`` (e.g. the checkpointer could not collect)."""
+        with self.store.tx() as c:
+            c.execute(
+                "UPDATE rounds SET state='failed', error=? WHERE id=? AND state IN ('closing', 'merging')",
+                (error[:2000], round_id),
+            )
+
     # -- the checkpointer's door ----------------------------------------------------------
 
     def record_version(

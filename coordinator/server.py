@@ -40,10 +40,13 @@ class RunningServer:
     port: int
     address: str
     health: health.HealthServicer
+    swarm: object | None = None  # SwarmHook with --dht-listen
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.swarm is not None:
+            self.swarm.stop()
         self.app.stop()
 
 
@@ -55,6 +58,11 @@ def start_server(config: CoordinatorConfig, app: Coordinator | None = None) -> R
         # Said once, at first start; the file stays readable only by this user.
         print(f"admin token written to {config.admin_token_path} (readable only by you)", flush=True)
     app.start()
+    swarm = None
+    if config.dht_listen:
+        from coldswarm.coordinator.swarm_hook import SwarmHook
+
+        swarm = SwarmHook(app, config.dht_listen, config.dht_announce).start()
     # An upload chunk is at most chunk_bytes of data plus a little framing.
     limit = config.chunk_bytes + 64 * 1024
     server = grpc.server(
@@ -82,10 +90,12 @@ def start_server(config: CoordinatorConfig, app: Coordinator | None = None) -> R
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
+        if swarm is not None:
+            swarm.stop()
         app.stop()
         raise OSError(f"cannot listen on {config.listen} (address in use?)")
     server.start()
     host = config.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     log.info("serving on %s%s", address, " with TLS" if config.tls_cert else "")
-    return RunningServer(server, app, port, address, health_servicer)
+    return RunningServer(server, app, port, address, health_servicer, swarm)

@@ -172,3 +172,28 @@ def test_health_and_reflection(harness):
     resp = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in resp.list_services_response.service}
     assert {"coldswarm.v1.WorkerService", "coldswarm.v1.AdminService", "grpc.health.v1.Health"} <= names
+
+
+def test_join_token_file_and_health_subcommand(make_harness, tmp_path, capsys):
+    from coldswarm.coordinator import cli
+    from coldswarm.coordinator.client import bearer
+
+    token_file = tmp_path / "join.token"
+    h = make_harness(join_token_file=token_file)
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    token = token_file.read_text().strip()
+    h.workers.Register(pb.RegisterRequest(name="local"), metadata=bearer(token))
+    # Kept across restarts while valid; replaced once revoked.
+    assert not h.app.auth.ensure_join_token_file(token_file)
+    tid = [t.id for t in h.app.auth.list() if t.kind == "join"][0]
+    h.app.auth.revoke(tid)
+    assert h.app.auth.ensure_join_token_file(token_file) and token_file.read_text().strip() != token
+    assert cli.main(["health", "--address", h.address]) == 0
+    assert "SERVING" in capsys.readouterr().out
+
+
+def test_health_subcommand_unreachable(port, capsys):
+    from coldswarm.coordinator import cli
+
+    assert cli.main(["health", "--address", f"127.0.0.1:{port}", "--timeout", "1"]) == 1
+    assert "not answering" in capsys.readouterr().err

@@ -1,0 +1,41 @@
+"""serve --dht-listen: the coordinator runs the swarm's DHT bootstrap peer and hands it out."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from coldswarm.proto import coldswarm_pb2 as pb
+
+pytest.importorskip("hivemind")
+pytestmark = pytest.mark.slow
+
+
+def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
+    h = make_harness(dht_listen=["/ip4/127.0.0.1/tcp/0"])
+    w = h.register()
+    peers = list(h.workers.Register(pb.RegisterRequest(name="x"), metadata=_join(h)).dht_initial_peers)
+    assert peers and all("/p2p/" in p for p in peers)
+    assert list(h.admin.Status(pb.StatusRequest(), metadata=h.amd).dht_maddrs) == peers
+    rnd = h.admin.OpenRound(
+        pb.OpenRoundRequest(kind="pretrain", options_json='{"epochs": 1, "collect_timeout_s": 1}'),
+        metadata=h.amd,
+    )
+    a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
+    assert list(a.pretrain.initial_peers) == peers
+    # Nobody trained: closing starts a collection that finds no state and fails the round, visibly.
+    assert h.admin.CloseRound(pb.CloseRoundRequest(), metadata=h.amd).state == "closing"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        r = h.admin.ListRounds(pb.ListRoundsRequest(), metadata=h.amd).rounds[0]
+        if r.state != "closing":
+            break
+        time.sleep(0.2)
+    assert r.id == rnd.id and r.state == "failed" and "collecting" in r.error
+
+
+def _join(h):
+    from coldswarm.coordinator.client import bearer
+
+    return bearer(h.join_token())
