@@ -297,9 +297,14 @@ class Contribution:
         return self.file.get(name, dtype)
 
     def get_rows(
-        self, name: str, start: int, stop: int, dtype: torch.dtype | None = torch.float32
+        self,
+        name: str,
+        start: int,
+        stop: int,
+        dtype: torch.dtype | None = torch.float32,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.file.get_rows(name, start, stop, dtype)
+        return self.file.get_rows(name, start, stop, dtype, out)
 
 
 def open_contribution(path: str | os.PathLike, label: str | None = None) -> Contribution:

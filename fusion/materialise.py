@@ -112,16 +112,33 @@ class Materialiser:
         scale_dim1 = (ref in self.feedforward) != fifo
         return base_rows * (vec[None, :] if scale_dim1 else vec[start:stop, None])
 
-    def theta_rows(self, param: str, base_rows: Tensor, start: int, stop: int) -> Tensor:
-        """The contribution's full fp32 value of rows start:stop of ``param`` (the base's if untouched)."""
+    def theta_rows(
+        self, param: str, base_rows: Tensor, start: int, stop: int, out: Tensor | None = None
+    ) -> Tensor:
+        """The contribution's full fp32 value of rows start:stop of ``param`` (the base's if untouched).
+
+        With ``out`` (a contiguous fp32 tensor of the rows' shape) the value is written there and
+        ``out`` is returned: the merge driver reuses one buffer per contribution across chunks.
+        """
         step = self.plan.get(param)
-        if step is None:
-            return base_rows
-        if step[0] == "weight":
-            return self.c.get_rows(step[1], start, stop)
-        if step[0] in ("ia3", "ia3_bias"):  # multiply directly: W * v, not W + W * (v - 1)
-            return self._ia3_rows(step, base_rows, start, stop)
-        return base_rows + self.delta_rows(param, base_rows, start, stop)
+        kind = step[0] if step else None
+        if out is None:
+            if kind is None:
+                return base_rows
+            if kind == "weight":
+                return self.c.get_rows(step[1], start, stop)
+            if kind in ("ia3", "ia3_bias"):  # multiply directly: W * v, not W + W * (v - 1)
+                return self._ia3_rows(step, base_rows, start, stop)
+            return base_rows + self.delta_rows(param, base_rows, start, stop)
+        if kind is None:
+            return out.copy_(base_rows)
+        if kind == "weight":
+            return self.c.get_rows(step[1], start, stop, out=out)
+        if kind == "delta":
+            return self.c.get_rows(step[1], start, stop, out=out).add_(base_rows)
+        if kind in ("ia3", "ia3_bias"):
+            return out.copy_(self._ia3_rows(step, base_rows, start, stop))
+        return torch.add(base_rows, self.delta_rows(param, base_rows, start, stop), out=out)
 
     def theta(self, param: str, base: Tensor) -> Tensor:
         """The contribution's full fp32 value of ``param`` given the base's."""

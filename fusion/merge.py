@@ -264,6 +264,7 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
     fallbacks: list[str] = []
 
     check_inputs = entry.name in ("median", "trimmed_mean")
+    pool = torch.empty(0, dtype=F32)
     with ModelDirWriter(out_dir, layout, base.model_dir, metadata, overwrite=overwrite) as writer:
         for name in base_names:
             shape = base.shape(name)
@@ -323,16 +324,24 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
             for s in range(0, rows, step):
                 e = min(rows, s + step)
                 t0 = time.perf_counter()
-                b = base.get_rows(name, s, e, F32)
+                chunk_shape = (e - s, *shape[1:]) if shape else ()
+                m = (e - s) * row_numel
+                # Reused buffers (base rows, then one row per contribution): no fresh pages per chunk,
+                # and the (N, m) block lets a method reduce over contributions in one pass.
+                need = (len(active) + 1) * m
+                if pool.numel() < need:
+                    pool = torch.empty(need, dtype=F32)
+                b = base.get_rows(name, s, e, F32, out=pool[:m].view(chunk_shape))
+                stacked = pool[m:need].view(len(active), *chunk_shape)
                 thetas = []
-                for i in active:
-                    th = mats[i].theta_rows(name, b, s, e)
-                    if factors[i] != 1.0 and th is not b:
-                        th = b + (th - b) * factors[i]
+                for j, i in enumerate(active):
+                    th = mats[i].theta_rows(name, b, s, e, out=stacked[j])
+                    if factors[i] != 1.0:
+                        th.sub_(b).mul_(factors[i]).add_(b)
                     # Robust methods can hide a NaN input (sorting pushes it to an end), so their
                     # inputs are checked here; for the others a NaN/Inf input reaches the output,
                     # which is checked below (one pass instead of N).
-                    if opts.check_finite and check_inputs and th is not b and not all_finite(th):
+                    if opts.check_finite and check_inputs and not all_finite(th):
                         raise ContributionError(
                             contribs[i].label, "NaN/Inf in its materialised value", tensor=name
                         )
@@ -349,7 +358,8 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
                 t1 = time.perf_counter()
                 timings["read_s"] += t1 - t0
                 x = TensorInputs(name=name, base=b, thetas=thetas, weights=weights, keys=keys, fishers=fishers,
-                                 grams=grams_full, offset=s * row_numel, prepared=prepared)  # fmt: skip
+                                 grams=grams_full, offset=s * row_numel, prepared=prepared,
+                                 stacked=stacked)  # fmt: skip
                 out = fn(x, fn_cfg)
                 if opts.check_finite and not all_finite(out):
                     for i, th in zip(active, thetas, strict=True):  # name the culprit
@@ -364,7 +374,7 @@ def _merge(base, contribs, key_list, entry, cfg, opts, out_dir, base_version, ov
                 timings["math_s"] += t2 - t1
                 writer.write_rows(name, s, out)
                 timings["write_s"] += time.perf_counter() - t2
-                del thetas, fishers, out, x
+                del thetas, fishers, out, x, stacked, b
             per_tensor[name] = time.perf_counter() - tensor_t0
             merged += 1
         t0 = time.perf_counter()

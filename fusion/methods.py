@@ -53,6 +53,9 @@ class TensorInputs:
     offset: int = 0
     #: per-contribution values a method's ``prepare`` computed on the whole tensor (TIES thresholds)
     prepared: list[Any] | None = None
+    #: optional (N, *base.shape) tensor whose rows are ``thetas`` (the driver's buffer); methods may
+    #: use it to reduce over contributions in one pass (a matrix-vector product for the average)
+    stacked: Tensor | None = None
 
     def deltas(self) -> list[Tensor]:
         return [t - self.base for t in self.thetas]
@@ -206,6 +209,10 @@ def _weighted_sum(tensors: Sequence[Tensor], weights: Tensor) -> Tensor:
 
 def average(x: TensorInputs, cfg: AverageConfig) -> Tensor:
     """ColD Fusion (Don-Yehiya et al. 2023): theta* = sum_i w_i theta_i."""
+    if x.stacked is not None and x.base.numel():
+        # one gemv over the (N, numel) buffer reads every input once, instead of N axpy passes
+        flat = x.stacked.reshape(len(x.thetas), -1)
+        return torch.mv(flat.T, x.weights.to(flat.dtype)).reshape(x.base.shape)
     return _weighted_sum(x.thetas, x.weights)
 
 
@@ -388,7 +395,7 @@ def dare(x: TensorInputs, cfg: DareConfig) -> Tensor:
 
 def median(x: TensorInputs, cfg: MedianConfig) -> Tensor:
     """Coordinate-wise median (Yin et al. 2018, Byzantine-robust aggregation); ignores weights."""
-    s = torch.stack(x.thetas).sort(dim=0).values
+    s = (x.stacked if x.stacked is not None else torch.stack(x.thetas)).sort(dim=0).values
     n = s.shape[0]
     if n % 2:
         return s[n // 2].clone()
@@ -400,7 +407,7 @@ def trimmed_mean(x: TensorInputs, cfg: TrimmedMeanConfig) -> Tensor:
     per coordinate, average the rest; ignores weights."""
     n = len(x.thetas)
     k = int(cfg.trim * n)
-    s = torch.stack(x.thetas).sort(dim=0).values
+    s = (x.stacked if x.stacked is not None else torch.stack(x.thetas)).sort(dim=0).values
     return s[k : n - k].mean(dim=0)
 
 
