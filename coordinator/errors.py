@@ -52,5 +52,11 @@ class DataLoss(CoordinatorError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class Unavailable(CoordinatorError):
+    """Try again shortly (clients retry this code): e.g. the previous stream of an upload is still ending."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Internal(CoordinatorError):
     code = grpc.StatusCode.INTERNAL

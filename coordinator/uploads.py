@@ -40,6 +40,7 @@ from coldswarm.coordinator.errors import (
     NotFound,
     PermissionDenied,
     ResourceExhausted,
+    Unavailable,
 )
 from coldswarm.coordinator.rounds import RoundManager
 from coldswarm.coordinator.store import Store
@@ -163,8 +164,8 @@ class UploadManager:
                 part.touch()
                 return existing["id"], offset, self.chunk_bytes
             if existing["id"] in self._active:
-                raise FailedPrecondition(
-                    f"upload {existing['id']} is streaming right now; wait for that stream to end"
+                raise Unavailable(
+                    f"upload {existing['id']} is still streaming (an earlier connection is ending); retry shortly"
                 )
             self.discard(existing["id"])
         upload_id = f"u-{secrets.token_hex(8)}"
@@ -204,6 +205,8 @@ class UploadManager:
             first = next(it)
         except StopIteration:
             raise InvalidArgument("the upload stream was empty: send chunks after BeginUpload") from None
+        except Exception:  # the client went away before its first chunk arrived: nothing to keep
+            raise FailedPrecondition("the upload stream broke off before its first chunk; retry") from None
         row = self.store.one("SELECT * FROM uploads WHERE id=?", (first.upload_id,))
         if row is None:
             raise NotFound(f"no upload {first.upload_id!r} in progress: call BeginUpload first")
@@ -212,8 +215,8 @@ class UploadManager:
         upload_id = row["id"]
         with self._lock:
             if upload_id in self._active:
-                raise FailedPrecondition(
-                    f"upload {upload_id} is already streaming; wait for that stream to end"
+                raise Unavailable(
+                    f"upload {upload_id} is still streaming (an earlier connection is ending); retry shortly"
                 )
             self._active.add(upload_id)
         keep_partial = False

@@ -129,7 +129,8 @@ def test_kill_during_upload_and_merge(processes, port, tmp_path, tiny_model):
     )
     t.start()
     assert sent_half.wait(10)
-    time.sleep(0.5)  # let the server write what it received
+    part = data_dir / "uploads" / f"{up.upload_id}.part"
+    wait_for(lambda: part.exists() and part.stat().st_size == half, 20, "the first half on disk")
     kill9(processes, proc)
     t.join(timeout=10)
 
