@@ -6,6 +6,7 @@ and no row (contributions, uploads, versions, rounds) or blob/partial file is le
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import grpc
@@ -413,3 +414,32 @@ def test_every_stub_method_has_auth(harness):
             else:
                 fn = lambda call=call, req_cls=req_cls: call(req_cls())  # noqa: E731
             refused(fn, C.UNAUTHENTICATED)
+
+
+def test_codecs(fusion, tiny_model):
+    h, rnd, w, a = fusion
+    before = h.counts()
+    refused(
+        lambda: w.stub.BeginUpload(
+            pb.BeginUploadRequest(round_id=rnd.id, base_version=0, total_size=10, codec="rar"), metadata=w.md
+        ),
+        C.INVALID_ARGUMENT,
+        "unknown codec",
+    )
+    codecs = pytest.importorskip("coldswarm.fusion.codecs")
+    data = delta_contribution(tiny_model)
+    encoded = codecs.CODECS["zstd"].encode(data)
+
+    def upload(payload: bytes, codec: str):
+        up = w.stub.BeginUpload(
+            pb.BeginUploadRequest(round_id=rnd.id, base_version=0, total_size=len(payload), codec=codec),
+            metadata=w.md,
+        )
+        return w.stub.UploadContribution(chunks(up.upload_id, payload), metadata=w.md)
+
+    # Bytes that are not what the codec says: refused, nothing kept.
+    refused(lambda: upload(data, "zstd"), C.INVALID_ARGUMENT, "zstd")
+    assert_unchanged(h, before)
+    resp = upload(encoded, "zstd")
+    contribution = h.admin.ListContributions(pb.ListContributionsRequest(), metadata=h.amd).contributions[0]
+    assert resp.size == len(encoded) and contribution.sha256 == hashlib.sha256(data).hexdigest()
