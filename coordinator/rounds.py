@@ -157,6 +157,7 @@ class RoundManager:
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.on_round_opened: list[Callable[[RoundRow], None]] = []
         self.on_round_closed: list[Callable[[RoundRow], None]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -278,7 +279,13 @@ class RoundManager:
             if kind == "pretrain":
                 run_id = str(options.get("run_id") or f"coldswarm-r{round_id}")
                 c.execute("UPDATE rounds SET hivemind_run_id=? WHERE id=?", (run_id, round_id))
-        return self.get(round_id)
+        rnd = self.get(round_id)
+        for hook in self.on_round_opened:
+            try:
+                hook(rnd)
+            except Exception:  # a hook's bug must not fail the admin's request
+                log.exception("round-opened hook failed for round %d", round_id)
+        return rnd
 
     def close_round(
         self, round_id: int | None = None, cancel: bool = False, reason: str = "closed"
@@ -651,11 +658,16 @@ class RoundManager:
         return version
 
     def fail_round(self, round_id: int, error: str) -> None:
-        """Mark a closing/merging round failed with ``error`` (e.g. the checkpointer could not collect)."""
+        """Mark a live round failed with ``error`` (e.g. the checkpointer could not collect)."""
         with self.store.tx() as c:
             c.execute(
-                "UPDATE rounds SET state='failed', error=? WHERE id=? AND state IN ('closing', 'merging')",
-                (error[:2000], round_id),
+                "UPDATE rounds SET state='failed', error=?, closed_at=COALESCE(NULLIF(closed_at, 0), ?) "
+                "WHERE id=? AND state IN ('open', 'closing', 'merging')",
+                (error[:2000], time.time(), round_id),
+            )
+            c.execute(
+                "UPDATE assignments SET state='aborted', message=? WHERE round_id=? AND state='active'",
+                ("round failed", round_id),
             )
 
     # -- the checkpointer's door ----------------------------------------------------------
