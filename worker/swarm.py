@@ -48,6 +48,7 @@ Tuning
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import threading
@@ -386,6 +387,7 @@ class SwarmTrainer:
     def start(self) -> SwarmTrainer:
         """Join the DHT, create the hivemind optimizer, and download the swarm's state if it is ahead of us."""
         from hivemind import Optimizer
+        from hivemind.optim.grad_averager import GradientAverager
 
         if self.optimizer is not None:
             return self
@@ -415,7 +417,10 @@ class SwarmTrainer:
             or make_compression(cfg.grad_compression, cfg.size_threshold),
             state_averaging_compression=make_compression(cfg.state_compression, cfg.size_threshold),
             load_state_compression=make_compression(cfg.load_state_compression, cfg.size_threshold),
+            # hivemind 1.1.12 forwards averager_opts to the state averager only (despite its docstring): the
+            # gradient averager would keep the 3 s default request_timeout, so give it its own factory.
             averager_opts=dict(request_timeout=cfg.request_timeout),
+            grad_averager_factory=functools.partial(GradientAverager, request_timeout=cfg.request_timeout),
             tracker_opts=dict(metadata_expiration=cfg.peer_expiration),
             verbose=cfg.verbose,
         )

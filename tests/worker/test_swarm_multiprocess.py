@@ -232,6 +232,7 @@ def test_late_joiner_loads_state_from_peers(processes, bootstrap, tmp_path):
     own_init = flat({n: p.detach() for n, p in swarm_peer.tiny_t5(7).named_parameters()})
     snapshots = {}
     for proc in early:
+        snapshots[(proc.out.name, 0)] = load(proc.out / "joined.safetensors")  # they joined at epoch 0
         for path in proc.out.glob("epoch*.safetensors"):
             snapshots[(proc.out.name, int(path.stem[5:]))] = load(path)
     (name, epoch), closest = min(snapshots.items(), key=lambda item: (item[1] - joined).norm())
