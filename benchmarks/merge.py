@@ -109,12 +109,15 @@ def build(work: Path, size: str, n: int) -> dict:
 def case_io_floor(setup: dict, out: Path, with_fisher: bool, chunk_mb: float = 64.0) -> None:
     """Read what a merge reads (base + each contribution's weights [+ Fishers]) in the driver's
     chunks, and write an output of the base's layout: the floor no merge can beat."""
+    import torch
+
     from coldswarm.fusion.checkpoint import CheckpointReader, ModelDirWriter, SafetensorsFile
 
     base = CheckpointReader(setup["base"])
     contribs = [SafetensorsFile(p) for p in setup["contributions"]]
     layout = {f: {n: (base.dtype(n), base.shape(n)) for n in names} for f, names in base.layout().items()}
     n = len(contribs)
+    pool = torch.empty(0, dtype=torch.float32)
     with ModelDirWriter(out, layout, setup["base"], {"format": "pt"}) as w:
         for name in base.names():
             shape = base.shape(name)
@@ -123,11 +126,15 @@ def case_io_floor(setup: dict, out: Path, with_fisher: bool, chunk_mb: float = 6
             step = max(1, int(chunk_mb * 2**20) // (row_bytes * (n * (2 if with_fisher else 1) + 4)))
             for s in range(0, rows, step):
                 e = min(rows, s + step)
-                b = base.get_rows(name, s, e)
+                shp = (e - s, *shape[1:]) if shape else ()
+                m = (e - s) * (base.nbytes(name) // rows // 4)
+                if pool.numel() < 2 * m:  # reused buffers, as the merge driver does: no fresh pages per read
+                    pool = torch.empty(2 * m, dtype=torch.float32)
+                b = base.get_rows(name, s, e, out=pool[:m].view(shp))
                 for c in contribs:
-                    c.get_rows(f"weight/{name}", s, e)
+                    c.get_rows(f"weight/{name}", s, e, out=pool[m : 2 * m].view(shp))
                     if with_fisher:
-                        c.get_rows(f"fisher/{name}", s, e)
+                        c.get_rows(f"fisher/{name}", s, e, out=pool[m : 2 * m].view(shp))
                 w.write_rows(name, s, b)
 
 
@@ -230,33 +237,35 @@ def main() -> None:
             + args.methods.split(",")
             + ([] if args.no_naive else ["naive_average"])
         )
-        results = {}
-        for case in cases:
-            out = work / f"out-{case}"
-            cmd = [sys.executable, __file__, "--case", case, "--setup", str(work / "setup.json"), "--out", str(out),
-                   "--threads", str(args.threads)]  # fmt: skip
-            runs = []
-            for _ in range(args.repeat):  # each run in a fresh process; keep the fastest, the largest RSS
+        # Round-robin over the cases (not all repeats of one case, then the next): on a shared machine
+        # the load drifts, and interleaving lets every case see the same conditions.
+        runs: dict[str, list[dict]] = {c: [] for c in cases}
+        failed: set[str] = set()
+        for rep in range(args.repeat):
+            for case in cases:
+                if case in failed:
+                    continue
+                out = work / f"out-{case}"
                 shutil.rmtree(out, ignore_errors=True)
+                cmd = [sys.executable, __file__, "--case", case, "--setup", str(work / "setup.json"), "--out",
+                       str(out), "--threads", str(args.threads)]  # fmt: skip
                 res = subprocess.run(cmd, capture_output=True, text=True)
+                shutil.rmtree(out, ignore_errors=True)
                 if res.returncode != 0:
                     print(f"  {case}: FAILED\n{res.stderr[-3000:]}")
-                    break
+                    failed.add(case)
+                    continue
                 line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
-                runs.append(json.loads(line[len("RESULT ") :]))
-            shutil.rmtree(out, ignore_errors=True)
-            if not runs:
+                runs[case].append(json.loads(line[len("RESULT ") :]))
+                print(f"  run {rep + 1}: {case:>16} {runs[case][-1]['wall_s']:7.2f} s", flush=True)
+        results = {}
+        for case, rs in runs.items():
+            if not rs:
                 continue
-            r = dict(min(runs, key=lambda x: x["wall_s"]))
-            r["hwm_kb"] = max(x["hwm_kb"] for x in runs)
-            r["rss_before_kb"] = min(x["rss_before_kb"] for x in runs)
-            r["walls"] = [x["wall_s"] for x in runs]
+            r = dict(min(rs, key=lambda x: x["wall_s"]))  # the fastest run; the largest RSS of all runs
+            r["hwm_kb"] = max(x["hwm_kb"] for x in rs)
+            r["rss_before_kb"] = min(x["rss_before_kb"] for x in rs)
             results[case] = r
-            walls = ", ".join(f"{w:.2f}" for w in r["walls"])
-            print(
-                f"  {case:>16}: {r['wall_s']:7.2f} s (runs: {walls})   peak RSS {r['hwm_kb'] / 1024:7.0f} MiB",
-                flush=True,
-            )
         print(f"\n(load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; torch threads: "
               f"{args.threads or 'default'})")  # fmt: skip
         print(
