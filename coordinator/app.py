@@ -97,12 +97,17 @@ class Coordinator:
             from coldswarm.coordinator.errors import FailedPrecondition
 
             raise FailedPrecondition("version 0 exists already; later versions come from rounds")
+        # Version 0 carries metrics too, so every later version compares against where the run began.
+        metrics = (
+            dict(self.rounds.evaluator(Path(model_dir)) or {}) if self.rounds.evaluator is not None else {}
+        )
         row = self.versions.create(
             Path(model_dir),
             parent=None,
             round_id=None,
             kind="init",
             method=method,
+            metrics=metrics,
             publish=True,
             extra={"source": source or str(Path(model_dir).resolve())},
         )

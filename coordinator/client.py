@@ -29,6 +29,10 @@ CHANNEL_OPTIONS = [
     ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
     ("grpc.experimental.tcp_read_chunk_size", 8 * 1024 * 1024),
     ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
+    # gRPC's reconnect backoff grows to 120 s by default: a client that started before the coordinator,
+    # or outlived its restart, would sit idle for minutes after it is back. Callers retry on their own.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 3000),
 ]
 
 
@@ -56,7 +60,7 @@ class DownloadReport:
     bytes_reused: int
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(4 * 1024 * 1024):
@@ -64,19 +68,60 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _safe(rel: str) -> Path:
+def safe_relpath(rel: str) -> Path:
+    """A version's file path, refused if it could leave the directory it is written into."""
     p = Path(rel)
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise DownloadError(f"refusing file path {rel!r} that would leave the output directory")
     return p
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fetch_file(
+    stub,
+    version: str,
+    entry: pb.FileEntry,
+    part: Path,
+    metadata=(),
+    timeout: float | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> bool:
+    """Continue ``entry``'s bytes into ``part`` from its current size; True if ``part`` is then intact.
+
+    The resume point is the size of ``part``: an interrupted call (outage, kill) loses nothing
+    already on disk. A ``part`` that is complete but fails its sha256 is deleted (returns False),
+    so the caller's next attempt starts from zero.
+    """
+    safe_relpath(entry.path)
+    offset = part.stat().st_size if part.exists() else 0
+    if offset > entry.size:
+        part.unlink()
+        offset = 0
+    if offset < entry.size:
+        with open(part, "ab") as fh:
+            try:
+                req = pb.DownloadRequest(version=str(version), path=entry.path, offset=offset)
+                for chunk in stub.DownloadVersion(req, metadata=metadata, timeout=timeout):
+                    if chunk.offset != offset:
+                        raise DownloadError(f"{entry.path}: chunk at {chunk.offset}, expected {offset}")
+                    fh.write(chunk.data)
+                    offset += len(chunk.data)
+                    if on_bytes:
+                        on_bytes(len(chunk.data))
+            finally:
+                fh.flush()
+                os.fsync(fh.fileno())
+    if part.stat().st_size == entry.size and sha256_file(part) == entry.sha256:
+        return True
+    part.unlink()
+    return False
 
 
 def download_version(
@@ -104,39 +149,27 @@ def download_version(
     fetched = reused = 0
     entries = sorted(info.files, key=lambda f: (f.path == MANIFEST_NAME, f.path))
     for entry in entries:
-        dest = out_dir / _safe(entry.path)
+        dest = out_dir / safe_relpath(entry.path)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        if dest.exists() and dest.stat().st_size == entry.size and _sha256(dest) == entry.sha256:
+        if dest.exists() and dest.stat().st_size == entry.size and sha256_file(dest) == entry.sha256:
             reused += entry.size
             continue
         part = dest.with_name(dest.name + ".part")
-        for attempt in (0, 1):
-            offset = part.stat().st_size if part.exists() else 0
-            if offset > entry.size:
-                part.unlink()
-                offset = 0
-            if offset < entry.size:
-                with open(part, "ab") as fh:
-                    req = pb.DownloadRequest(version=number, path=entry.path, offset=offset)
-                    for chunk in stub.DownloadVersion(req, metadata=metadata, timeout=timeout):
-                        if chunk.offset != offset:
-                            raise DownloadError(f"{entry.path}: chunk at {chunk.offset}, expected {offset}")
-                        fh.write(chunk.data)
-                        offset += len(chunk.data)
-                        fetched += len(chunk.data)
-                        if progress:
-                            progress(entry.path, offset, entry.size)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if part.stat().st_size == entry.size and _sha256(part) == entry.sha256:
-                os.replace(part, dest)
-                break
-            # A corrupt partial (e.g. a disk error): fetch this file again from zero, once.
-            part.unlink()
-            if attempt:
+        received = [0]
+
+        def count(n: int, entry=entry, part=part, received=received) -> None:
+            received[0] += n
+            if progress:
+                progress(entry.path, part.stat().st_size, entry.size)
+
+        # A corrupt partial (e.g. a disk error) is fetched again from zero, once.
+        if not fetch_file(stub, number, entry, part, metadata, timeout, count):
+            if not fetch_file(stub, number, entry, part, metadata, timeout, count):
                 raise DownloadError(
                     f"{entry.path} does not match its sha256 {entry.sha256} after a fresh fetch"
                 )
-    _fsync_dir(out_dir)
+        fetched += received[0]
+        os.replace(part, dest)
+    fsync_dir(out_dir)
     manifest = json.loads(info.manifest_json or "{}")
     return DownloadReport(manifest.get("version", info.number), len(entries), fetched, reused)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import grpc
 
+from coldswarm.coordinator.client import open_channel
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -49,7 +50,7 @@ class LocalClusterConfig:
     pretrain_epochs: int = field(default=3, metadata={"help": "swarm optimizer epochs per pretrain round"})
     target_batch_size: int = field(default=32, metadata={"help": "samples per swarm optimizer epoch"})
     evaluator: str = field(
-        default="coldswarm.lm.evaluate:evaluate_quick",
+        default="coldswarm.lm.evaluate:evaluate_version",
         metadata={"help": "module:function the coordinator evaluates each version with ('' for none)"},
     )
     round_timeout_s: float = field(default=900.0, metadata={"help": "give up on a round after this long"})
@@ -67,10 +68,27 @@ class LocalClusterConfig:
         return self.coordinator_dir / "join.token"
 
     def fusion_options(self) -> dict:
-        return {"peft_method": self.peft, "steps": self.fusion_steps, "statistics": ["fisher", "regmean"]}
+        """A fusion round's options as the coordinator takes them (statistics follow the merge method)."""
+        return {
+            "peft_method": self.peft,
+            "codec": "zstd",
+            "hyperparameters": {
+                "steps": self.fusion_steps,
+                "batch_size": 8,
+                "max_input_length": 96,
+                "eval_examples": 16,
+                "fisher_examples": 32,
+                "regmean_batches": 4,
+            },
+        }
 
     def pretrain_options(self) -> dict:
-        return {"epochs": self.pretrain_epochs, "target_batch_size": self.target_batch_size}
+        """A pretrain round's options: swarm epochs and batch, plus the workers' MoD and hivemind settings."""
+        return {
+            "epochs": self.pretrain_epochs,
+            "target_batch_size": self.target_batch_size,
+            "hyperparameters": {"batch_size": 4, "inputs_length": 64, "lr": 1e-3, "matchmaking_time": 3.0},
+        }
 
 
 def free_port() -> int:
@@ -171,11 +189,11 @@ class LocalCluster:
             )
         self._wait_for_workers(cfg.workers)
 
-    def _wait_for_coordinator(self, timeout_s: float = 300.0) -> None:
+    def _wait_for_coordinator(self, timeout_s: float = 900.0) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         token_path = self.config.coordinator_dir / "admin.token"
-        self.channel = grpc.insecure_channel(self.address)
+        self.channel = open_channel(self.address)
         health = health_pb2_grpc.HealthStub(self.channel)
         deadline = time.monotonic() + timeout_s
         print(f"starting coordinator on {self.address} (building version 0 on first start) ...", flush=True)
@@ -329,6 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = LocalClusterConfig(**vars(args))
     cluster = LocalCluster(config)
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt  # SIGTERM stops the cluster exactly as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, terminate)
     rows: list[dict] = []
     try:
         cluster.start()

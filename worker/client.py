@@ -15,37 +15,17 @@ from pathlib import Path
 
 import grpc
 
+from coldswarm.coordinator.client import bearer, open_channel
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 from coldswarm.worker.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-# Version files and uploads are large; gRPC's 4 MiB default message cap is not the limit we want.
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.keepalive_time_ms", 30_000),
-]
 
 
 class Stopped(Exception):
     """The worker was asked to stop while waiting for the coordinator."""
-
-
-def open_channel(address: str, ca_file: Path | None = None) -> grpc.Channel:
-    """A channel to ``HOST:PORT``; TLS when ``ca_file`` names the CA that signed the coordinator's cert."""
-    if ca_file is None:
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    try:
-        root = Path(ca_file).read_bytes()
-    except OSError as exc:
-        raise ValueError(f"cannot read the CA file {ca_file}: {exc}") from exc
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), CHANNEL_OPTIONS)
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
 
 
 class CoordinatorClient:

@@ -14,7 +14,6 @@ corrupted on disk after the download is detected and fetched again.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -23,44 +22,18 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import grpc
-
+from coldswarm.coordinator.client import (
+    MANIFEST_NAME,
+    DownloadError,
+    fetch_file,
+    fsync_dir,
+    safe_relpath,
+    sha256_file,
+)
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.client import CoordinatorClient
 
 log = logging.getLogger(__name__)
-
-MANIFEST_NAME = "coldswarm-manifest.json"
-HASH_BLOCK = 4 * 1024 * 1024
-
-
-class DownloadError(Exception):
-    """A version could not be fetched intact."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def safe_relpath(path: str) -> Path:
-    """A version's file path, refused if it could escape the version directory."""
-    rel = Path(path)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise DownloadError(f"the coordinator listed an unsafe file path {path!r}; refusing it")
-    return rel
-
 
 ProgressFn = Callable[[int], None]
 
@@ -98,8 +71,7 @@ class VersionCache:
             blob.unlink()
         for attempt in range(1, self.max_attempts_per_file + 1):
             part = self._fetch(client, number, entry, progress)
-            actual = sha256_file(part)
-            if actual == entry.sha256 and part.stat().st_size == entry.size:
+            if part.exists():  # fetch_file deletes a partial that fails its hash
                 os.replace(part, blob)
                 fsync_dir(self.blobs)
                 return blob
@@ -110,42 +82,20 @@ class VersionCache:
                 attempt,
                 self.max_attempts_per_file,
             )
-            part.unlink(missing_ok=True)
         raise DownloadError(
             f"{entry.path} of version {number} failed its sha256 check {self.max_attempts_per_file} times; "
             "the coordinator's copy may be damaged: tell its operator"
         )
 
     def _fetch(self, client: CoordinatorClient, number: int, entry: pb.FileEntry, progress) -> Path:
-        safe_relpath(entry.path)
         part = self.partial / f"{entry.sha256}.part"
-
-        def attempt() -> None:
-            offset = part.stat().st_size if part.exists() else 0
-            if offset > entry.size:
-                part.unlink()
-                offset = 0
-            if progress and offset:
-                progress(offset)
-            if offset == entry.size:
-                return
-            request = pb.DownloadRequest(version=str(number), path=entry.path, offset=offset)
-            with open(part, "ab") as fh:
-                try:
-                    for chunk in client.stream("DownloadVersion", request):
-                        if chunk.offset != fh.tell():
-                            raise DownloadError(
-                                f"{entry.path}: chunk at offset {chunk.offset}, expected {fh.tell()}"
-                            )
-                        fh.write(chunk.data)
-                        if progress:
-                            progress(len(chunk.data))
-                finally:
-                    fh.flush()
-                    os.fsync(fh.fileno())
-
+        if progress and part.exists():
+            progress(part.stat().st_size)
         # An outage mid-stream resumes from the bytes already on disk.
-        client.retrying(attempt, what=f"download of {entry.path}")
+        client.retrying(
+            lambda: fetch_file(client.stub, str(number), entry, part, client.metadata, None, progress),
+            what=f"download of {entry.path}",
+        )
         return part
 
     def _version_dir_intact(self, target: Path, info: pb.Version) -> bool:
@@ -182,7 +132,3 @@ class VersionCache:
     def manifest(self, version_dir: Path) -> dict:
         path = Path(version_dir) / MANIFEST_NAME
         return json.loads(path.read_text()) if path.exists() else {}
-
-
-def is_not_found(exc: BaseException) -> bool:
-    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.NOT_FOUND

@@ -12,9 +12,9 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from coldswarm.coordinator.client import sha256_file
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.client import CoordinatorClient
-from coldswarm.worker.downloads import sha256_file
 
 log = logging.getLogger(__name__)
 

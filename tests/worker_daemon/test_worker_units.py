@@ -5,10 +5,10 @@ import stat
 
 import pytest
 
+from coldswarm.coordinator.client import DownloadError, safe_relpath
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.backoff import Backoff
 from coldswarm.worker.capabilities import resolve_device
-from coldswarm.worker.downloads import DownloadError, safe_relpath
 from coldswarm.worker.progress import Progress
 from coldswarm.worker.session import Session, load_session, save_session
 from coldswarm.worker.uploads import _chunks
