@@ -241,11 +241,15 @@ def collect_gram(
     is_enc_dec = bool(getattr(getattr(work, "config", None), "is_encoder_decoder", False))
     encoder = work.get_encoder() if is_enc_dec and hasattr(work, "get_encoder") else None
 
+    # Decoder side = every linear outside the encoder: the decoder's layers and the LM head alike.
+    encoder_ids = {id(m) for m in encoder.modules()} if encoder is not None else set()
+
     def default_mask(name: str, x: Tensor, batch: Batch) -> Tensor | None:
         if x.dim() <= 2:
             return None
         enc_mask = batch.get("attention_mask")
-        if is_enc_dec and name.startswith("decoder.") and x.data_ptr() not in state["enc_ptrs"]:
+        decoder_side = id(linears[name]) not in encoder_ids
+        if is_enc_dec and decoder_side and x.data_ptr() not in state["enc_ptrs"]:
             m = batch.get("decoder_attention_mask")
             if m is None and isinstance(batch.get("labels"), Tensor):
                 m = batch["labels"] != -100

@@ -238,6 +238,18 @@ def evaluate_version(
     return evaluate_model(model, tokenizer, config, cache_dir)
 
 
+def evaluate_smoke(version_dir: str | os.PathLike, cache_dir=None) -> dict:
+    """The same three measures on a handful of examples: for end-to-end tests, not for comparing versions."""
+    config = EvalConfig(
+        mod_examples_per_denoiser=1,
+        seen_examples_per_task=2,
+        heldout_finetune_steps=2,
+        heldout_batch_size=4,
+        heldout_examples_per_task=2,
+    )
+    return evaluate_version(version_dir, config, cache_dir)
+
+
 def format_table(metrics: dict) -> str:
     """The metrics as a plain-text table."""
     lines = ["MoD loss (held-out text)"]

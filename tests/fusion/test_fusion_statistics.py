@@ -112,6 +112,17 @@ def test_gram_on_t5_uses_encoder_and_decoder_masks():
     )
 
 
+def test_gram_of_an_untied_lm_head_counts_decoder_tokens():
+    # The default coldswarm model (and Flan-T5) has its own lm_head: a decoder-side input, not the encoder's.
+    model = tiny_t5()
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    batches = seq2seq_batches(n_batches=1)
+    g = collect_gram(model, batches)
+    dec_tokens = int((batches[0]["labels"] != -100).sum())
+    assert g.meta["tokens_per_module"]["lm_head"] == dec_tokens
+    assert g["gram/lm_head"].shape == (model.config.d_model, model.config.d_model)
+
+
 def test_peft_lora_statistics_end_to_end(tmp_path):
     """Worker side (adapter + Fisher + Gram -> contribution) to coordinator side (validate, merge)."""
     from peft import LoraConfig, get_peft_model
