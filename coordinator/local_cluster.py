@@ -87,7 +87,7 @@ class LocalClusterConfig:
         return {
             "epochs": self.pretrain_epochs,
             "target_batch_size": self.target_batch_size,
-            "hyperparameters": {"batch_size": 4, "inputs_length": 64, "lr": 1e-3, "matchmaking_time": 3.0},
+            "hyperparameters": {"batch_size": 4, "inputs_length": 64, "lr": 1e-3, "matchmaking_time": 4.0},
         }
 
 

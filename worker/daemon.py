@@ -31,6 +31,7 @@ import grpc
 from google.protobuf import json_format
 
 from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.worker.backoff import Backoff
 from coldswarm.worker.capabilities import detect_capabilities, resolve_device
 from coldswarm.worker.client import CoordinatorClient, Stopped, rpc_message
 from coldswarm.worker.downloads import VersionCache
@@ -99,6 +100,7 @@ class Worker:
         )
         self.session: Session | None = None
         self._heartbeat: threading.Thread | None = None
+        self.failure_backoff = Backoff(base_s=5.0, cap_s=120.0)
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -143,7 +145,13 @@ class Worker:
                     return
                 self.stop.wait(min(assignment.retry_after_s or 5.0, 5.0))
                 continue
-            self.run_assignment(assignment)
+            if not self.run_assignment(assignment):
+                # A failed assignment is often offered again at once: don't spin on it.
+                delay = self.failure_backoff.next_delay()
+                log.info("waiting %.0fs before asking for work again", delay)
+                self.stop.wait(delay)
+            else:
+                self.failure_backoff.reset()
             done += 1
             idle_since = time.monotonic()
             if self.config.max_assignments and done >= self.config.max_assignments:
@@ -212,7 +220,8 @@ class Worker:
 
     # -- assignments --------------------------------------------------------------------------
 
-    def run_assignment(self, assignment: pb.Assignment) -> None:
+    def run_assignment(self, assignment: pb.Assignment) -> bool:
+        """Run one assignment to its end; True if it was done, False if it failed or was aborted."""
         kind = assignment.WhichOneof("task")
         log.info(
             "assignment %s: %s round %d on version %d",
@@ -246,16 +255,20 @@ class Worker:
             if result.payload is not None:
                 self._queue_and_upload(assignment, result)
             self._report(assignment.id, "done", "", result.metrics)
+            return True
         except (Cancelled, Stopped) as exc:
             self._report(assignment.id, "aborted", str(exc), {})
             if isinstance(exc, Stopped):
                 raise
+            return False
         except grpc.RpcError as exc:
             log.error("assignment %s failed: %s", assignment.id, rpc_message(exc))
             self._report(assignment.id, "failed", rpc_message(exc), {})
+            return False
         except Exception as exc:
             log.exception("assignment %s failed", assignment.id)
             self._report(assignment.id, "failed", f"{type(exc).__name__}: {exc}", {})
+            return False
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
             self.progress.update(assignment_id="", phase="idle", step=0, total_steps=0, metrics={})
