@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -309,6 +310,18 @@ def _state_downloader_class():
         @classmethod
         def get_stub(cls, p2p, peer, *, namespace=None):
             return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
+
+        # hivemind's run_in_background sets SIGINT to SIG_IGN in the calling process, which raises off the
+        # main thread (the coordinator collects on a background thread) and would leave the coordinator
+        # deaf to Ctrl-C. Ignore SIGINT in the averager's own process instead, where hivemind wants it.
+        def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+            self.start()
+            if await_ready:
+                self.wait_until_ready(timeout)
+
+        def run(self):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            super().run()
 
     return _StateDownloader
 

@@ -48,9 +48,11 @@ Tuning
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import math
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -252,6 +254,25 @@ def collected_key(run_id: str) -> str:
     return f"{run_id}_coldswarm_collected"
 
 
+@contextlib.contextmanager
+def preserve_sigint():
+    """Keep this process's SIGINT handler across hivemind's averager start-up.
+
+    hivemind 1.1.12's ``DecentralizedAverager.run_in_background`` sets SIGINT to SIG_IGN in the *calling*
+    process (so that its forked child ignores Ctrl-C) and never restores it: after a pretrain round began,
+    a worker would silently ignore Ctrl-C. The child is forked inside this block and keeps SIG_IGN; the
+    caller gets its own handler back. Off the main thread no handler can change, so nothing is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def start_dht(
     initial_peers: Iterable[str] = (),
     host_maddrs: Iterable[str] = LOOPBACK_MADDRS,
@@ -387,7 +408,6 @@ class SwarmTrainer:
     def start(self) -> SwarmTrainer:
         """Join the DHT, create the hivemind optimizer, and download the swarm's state if it is ahead of us."""
         from hivemind import Optimizer
-        from hivemind.optim.grad_averager import GradientAverager
 
         if self.optimizer is not None:
             return self
@@ -397,7 +417,17 @@ class SwarmTrainer:
         if self.dht is None:
             self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode)
         params = [param for _, param in swarm_parameters(self.model)]
-        self.optimizer = Optimizer(
+        with preserve_sigint():
+            self.optimizer = self._make_optimizer(Optimizer, params)
+        self._watch_local_fallbacks(self.optimizer)
+        self.sync_with_swarm()
+        return self
+
+    def _make_optimizer(self, Optimizer, params):
+        from hivemind.optim.grad_averager import GradientAverager
+
+        cfg = self.config
+        return Optimizer(
             dht=self.dht,
             run_id=cfg.run_id,
             target_batch_size=cfg.target_batch_size,
@@ -424,9 +454,6 @@ class SwarmTrainer:
             tracker_opts=dict(metadata_expiration=cfg.peer_expiration),
             verbose=cfg.verbose,
         )
-        self._watch_local_fallbacks(self.optimizer)
-        self.sync_with_swarm()
-        return self
 
     def _watch_local_fallbacks(self, opt) -> None:
         # hivemind falls back to this peer's own gradients when a gradient all-reduce fails (timeout, group
