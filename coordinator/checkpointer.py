@@ -190,7 +190,7 @@ class Checkpointer:
         ``SwarmTrainer.serve_state`` may leave.
         """
         from hivemind.utils import get_dht_time
-        from transformers import AutoConfig, AutoModelForSeq2SeqLM
+        from transformers import AutoModelForSeq2SeqLM
 
         self._require_started()
         register_safe_codecs()
@@ -199,8 +199,10 @@ class Checkpointer:
             raise FileExistsError(f"{out_dir} exists; a version directory is written once")
         began = time.monotonic()
 
-        config = AutoConfig.from_pretrained(base_model_dir)
-        model = AutoModelForSeq2SeqLM.from_config(config)
+        # Built exactly as the workers build theirs (from_pretrained of the base), so the parameter list
+        # matches: from_config would tie lm_head to the embeddings (transformers 5.x forces tying in T5Config)
+        # where the base keeps its own lm_head, and the swarm's trained lm_head would be lost.
+        model = AutoModelForSeq2SeqLM.from_pretrained(base_model_dir, dtype=torch.float32)
         named = swarm_parameters(model)
         tensors = [param.detach().to("cpu", torch.float32).clone() for _, param in named]
 
@@ -222,13 +224,13 @@ class Checkpointer:
             averager.shutdown()
 
         epoch = int(metadata["epoch"])
-        if len(loaded) < len(named):
+        if len(loaded) != len(named):
             raise CollectError(
                 f"run {run_id}: peer sent {len(loaded)} tensors, base architecture has {len(named)} trained "
                 "parameters; was the round started from this base version?"
             )
         state = {}
-        for (name, param), tensor in zip(named, loaded, strict=False):
+        for (name, param), tensor in zip(named, loaded, strict=True):
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CollectError(
                     f"run {run_id}: tensor for {name} has shape {tuple(tensor.shape)}, base has {tuple(param.shape)}"

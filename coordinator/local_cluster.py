@@ -286,6 +286,10 @@ class LocalCluster:
             time.sleep(1.0)
         raise TimeoutError(f"round {opened.id} did not finish in {cfg.round_timeout_s:.0f}s")
 
+    def versions_dir(self) -> Path:
+        """Where the coordinator keeps each version as an HF directory (``<dir>/<number>``)."""
+        return self.config.coordinator_dir / "versions"
+
     def version(self, ref: str) -> pb.Version:
         return self.admin.GetVersion(pb.GetVersionRequest(version=ref), metadata=self.metadata)
 

@@ -8,6 +8,8 @@ import sys
 
 import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from coldswarm.coordinator.local_cluster import LocalCluster, LocalClusterConfig
 
@@ -38,6 +40,14 @@ def test_local_cluster_pretrain_and_fusion_rounds_then_download(tmp_path, proces
         assert (pretrained.number, pretrained.parent, pretrained.method) == (1, 0, "pretrain")
         assert p_manifest["metrics"]["epoch"] >= 1 and p_manifest["metrics"]["swarm_peers"] >= 1
         assert set(p_manifest["metrics"]["mod_loss"]) == {"R", "X", "S"}
+
+        # The swarm's state keeps every tensor of the base (the default model has its own lm_head, which a
+        # tied re-build would drop), and the trained lm_head moved away from version 0's.
+        base = load_file(str(cluster.versions_dir() / "0" / "model.safetensors"))
+        averaged = load_file(str(cluster.versions_dir() / "1" / "model.safetensors"))
+        assert set(averaged) == set(base)
+        assert not torch.equal(averaged["lm_head.weight"], base["lm_head.weight"])
+        assert not torch.equal(averaged["lm_head.weight"], averaged["shared.weight"])
 
         f_manifest = json.loads(fused.manifest_json)
         assert (fused.number, fused.parent, fused.method) == (2, 1, "fisher")
