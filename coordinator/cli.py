@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import threading
 
 from coldswarm.coordinator.app import ConfigError, Coordinator
 from coldswarm.coordinator.config import add_arguments, from_args
 from coldswarm.coordinator.errors import CoordinatorError
+from coldswarm.worker.signals import install_stop_handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,8 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    # Only in this process: the checkpointer's hivemind children are forked from it and must still die of
+    # the SIGTERM hivemind ends them with.
+    install_stop_handler(lambda _signum: done.set())
     done.wait()
     running.stop()
     return 0

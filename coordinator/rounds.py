@@ -377,10 +377,18 @@ class RoundManager:
             )
             if existing is not None:
                 return self._assignment(rnd, existing["id"], existing["shard_index"])
-            if rnd.kind == "fusion" and self.store.one(
-                "SELECT 1 FROM contributions WHERE round_id=? AND worker_id=?", (rnd.id, worker_id)
+            if self.store.one(
+                "SELECT 1 FROM assignments WHERE round_id=? AND worker_id=? AND state='done'",
+                (rnd.id, worker_id),
+            ) or (
+                rnd.kind == "fusion"
+                and self.store.one(
+                    "SELECT 1 FROM contributions WHERE round_id=? AND worker_id=?", (rnd.id, worker_id)
+                )
             ):
-                return None  # this worker's part of the round is done
+                # This worker's part of the round is done (a pretrain worker that finished its epochs must
+                # not start the run again while the checkpointer collects it).
+                return None
             with self.store.tx() as c:
                 index = int(
                     c.execute("SELECT COUNT(*) FROM assignments WHERE round_id=?", (rnd.id,)).fetchone()[0]

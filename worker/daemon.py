@@ -38,6 +38,7 @@ from coldswarm.worker.downloads import VersionCache
 from coldswarm.worker.jobs import Cancelled, JobContext, JobResult
 from coldswarm.worker.progress import Progress, byte_bar
 from coldswarm.worker.session import Session, load_session, save_session, write_private
+from coldswarm.worker.signals import install_stop_handler
 from coldswarm.worker.uploads import upload_contribution
 
 log = logging.getLogger("coldswarm.worker")
@@ -105,7 +106,7 @@ class Worker:
     # -- life cycle ---------------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
-        def handler(signum, _frame):
+        def on_signal(signum: int) -> None:
             if self.stop.is_set():
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
                 raise SystemExit(130)
@@ -113,8 +114,7 @@ class Worker:
             self.stop.set()
             self.cancel.set()
 
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
+        install_stop_handler(on_signal)
 
     def run(self) -> int:
         try:

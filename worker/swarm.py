@@ -48,11 +48,9 @@ Tuning
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -61,6 +59,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from coldswarm.worker.compression import make_compression, register_safe_codecs
+from coldswarm.worker.signals import preserve_sigint
 
 logger = logging.getLogger(__name__)
 
@@ -252,25 +251,6 @@ def metrics_key(run_id: str) -> str:
 def collected_key(run_id: str) -> str:
     """DHT key the checkpointer sets once it holds the round's final state (value: the epoch it collected)."""
     return f"{run_id}_coldswarm_collected"
-
-
-@contextlib.contextmanager
-def preserve_sigint():
-    """Keep this process's SIGINT handler across hivemind's averager start-up.
-
-    hivemind 1.1.12's ``DecentralizedAverager.run_in_background`` sets SIGINT to SIG_IGN in the *calling*
-    process (so that its forked child ignores Ctrl-C) and never restores it: after a pretrain round began,
-    a worker would silently ignore Ctrl-C. The child is forked inside this block and keeps SIG_IGN; the
-    caller gets its own handler back. Off the main thread no handler can change, so nothing is done."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
 
 
 def start_dht(

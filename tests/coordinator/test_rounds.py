@@ -80,6 +80,18 @@ def test_assignments(harness):
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_worker_done_with_a_pretrain_round_gets_no_more_work_in_it(harness):
+    harness.admin.OpenRound(pb.OpenRoundRequest(kind="pretrain", quorum=2), metadata=harness.amd)
+    w = harness.register()
+    a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
+    assert a.pretrain.run_id
+    w.stub.ReportAssignment(pb.ReportAssignmentRequest(assignment_id=a.id, outcome="done"), metadata=w.md)
+    # The checkpointer may still be collecting: starting the run again would be wasted (and confusing).
+    assert w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md).id == ""
+    other = harness.register()
+    assert other.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=other.md).id
+
+
 def test_statistics_follow_the_method(harness):
     harness.admin.OpenRound(pb.OpenRoundRequest(kind="fusion", method="average"), metadata=harness.amd)
     w = harness.register()

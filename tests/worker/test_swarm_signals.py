@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from coldswarm.coordinator.checkpointer import _state_downloader_class
-from coldswarm.worker.swarm import preserve_sigint, start_dht
+from coldswarm.worker.signals import install_stop_handler, preserve_sigint
+from coldswarm.worker.swarm import start_dht
 
 
 @pytest.fixture
@@ -60,3 +61,24 @@ def test_checkpointer_downloader_starts_off_the_main_thread(dht, our_handler):
     thread.join(timeout=60)
     assert not errors and started == [True]
     assert signal.getsignal(signal.SIGINT) is our_handler
+
+
+def test_stop_handler_acts_only_in_the_installing_process(tmp_path):
+    import multiprocessing
+    import os
+    import time
+
+    calls = []
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handler(calls.append)
+    try:
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        child.start()
+        child.terminate()  # what hivemind does to its averager at shutdown
+        child.join(timeout=10)
+        assert child.exitcode == -signal.SIGTERM, "a forked child must die of SIGTERM, not ignore it"
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
