@@ -176,6 +176,7 @@ class LocalCluster:
             "coordinator",
         )
         self._wait_for_coordinator()
+        threads = max(1, (os.cpu_count() or 1) // cfg.workers)
         for i in range(cfg.workers):
             self._spawn(
                 worker_command(
@@ -186,6 +187,7 @@ class LocalCluster:
                     [f"--name=local-{i}"],
                 ),
                 f"worker-{i}",
+                threads=threads,
             )
         self._wait_for_workers(cfg.workers)
 
