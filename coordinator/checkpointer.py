@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from coldswarm.coordinator.blobs import fsync_dir
 from coldswarm.worker.compression import register_safe_codecs
 from coldswarm.worker.swarm import collected_key, metrics_key, start_dht, swarm_parameters
 
@@ -287,7 +288,7 @@ class Checkpointer:
                 with open(path, "rb") as fh:
                     os.fsync(fh.fileno())
             os.rename(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
+            fsync_dir(out_dir.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -326,11 +327,3 @@ def _state_downloader_class():
             super().run()
 
     return _StateDownloader
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 
+from coldswarm.coordinator.blobs import fsync_dir
 from coldswarm.proto import coldswarm_pb2 as pb
 
 MANIFEST_NAME = "coldswarm-manifest.json"
@@ -74,14 +75,6 @@ def safe_relpath(rel: str) -> Path:
     if p.is_absolute() or ".." in p.parts or not p.parts:
         raise DownloadError(f"refusing file path {rel!r} that would leave the output directory")
     return p
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fetch_file(

@@ -91,6 +91,30 @@ class LocalClusterConfig:
         }
 
 
+def stop_process_groups(procs: list[subprocess.Popen], grace_s: float = 20.0) -> None:
+    """SIGTERM each process's group (started with ``start_new_session``), wait up to ``grace_s`` for a
+    clean exit, then SIGKILL whatever is left of every group, so no descendant outlives its parent."""
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if proc.poll() is None:
+            proc.wait(timeout=5)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -242,25 +266,7 @@ class LocalCluster:
                 )
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):  # workers first, so they can say goodbye
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 20
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if proc.poll() is None:
-                proc.wait(timeout=5)
+        stop_process_groups(list(reversed(self.procs)))  # workers first, so they can say goodbye
         if self.channel is not None:
             self.channel.close()
 

@@ -7,10 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
+
+from coldswarm.coordinator.local_cluster import stop_process_groups
 
 
 def pytest_collection_modifyitems(config, items):
@@ -61,27 +62,7 @@ class ProcessGroup:
             pass
 
     def reap(self, timeout: float = 10.0) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + timeout
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for proc in self.procs:
-            # Descendants that escaped the group (or a group leader already gone).
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop_process_groups(self.procs, grace_s=timeout)
 
 
 def _process_wide_helper(proc: psutil.Process) -> bool:

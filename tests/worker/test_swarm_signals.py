@@ -66,14 +66,17 @@ def test_checkpointer_downloader_starts_off_the_main_thread(dht, our_handler):
 def test_stop_handler_acts_only_in_the_installing_process(tmp_path):
     import multiprocessing
     import os
-    import time
 
     calls = []
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     install_stop_handler(calls.append)
     try:
-        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        ctx = multiprocessing.get_context("fork")
+        running = ctx.Event()
+        child = ctx.Process(target=_sleep_after_setting, args=(running,))
         child.start()
+        # CPython drops signals that arrive while a forked child is still setting up: wait until it runs.
+        assert running.wait(timeout=30)
         child.terminate()  # what hivemind does to its averager at shutdown
         child.join(timeout=10)
         assert child.exitcode == -signal.SIGTERM, "a forked child must die of SIGTERM, not ignore it"
@@ -82,3 +85,10 @@ def test_stop_handler_acts_only_in_the_installing_process(tmp_path):
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _sleep_after_setting(event) -> None:
+    import time
+
+    event.set()
+    time.sleep(60)
