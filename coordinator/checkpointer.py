@@ -225,13 +225,15 @@ class Checkpointer:
             averager.shutdown()
 
         epoch = int(metadata["epoch"])
-        if len(loaded) != len(named):
+        # The download holds the trained parameters first (in swarm_parameters order), then the optimizer's
+        # statistics (Adam: two moments per parameter, and its step counters), which a version does not keep.
+        if len(loaded) < len(named):
             raise CollectError(
                 f"run {run_id}: peer sent {len(loaded)} tensors, base architecture has {len(named)} trained "
                 "parameters; was the round started from this base version?"
             )
         state = {}
-        for (name, param), tensor in zip(named, loaded, strict=True):
+        for (name, param), tensor in zip(named, loaded[: len(named)], strict=True):
             if tuple(tensor.shape) != tuple(param.shape):
                 raise CollectError(
                     f"run {run_id}: tensor for {name} has shape {tuple(tensor.shape)}, base has {tuple(param.shape)}"
