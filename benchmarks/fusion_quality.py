@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -79,11 +80,13 @@ def group_tasks(n: int) -> list[list[str]]:
     return [sorted({t for t, _, _ in g}) for g in default_task_groups(n)]
 
 
-def exact_match(model_dir: Path, tasks: list[str], n: int) -> float:
+def scores(model_dir: Path, tasks: list[str], n: int) -> tuple[float, float]:
+    """Mean exact match and mean token loss over ``tasks`` (``n`` test examples each)."""
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     config = EvalConfig(batch_size=32)
-    scores = [score_records(model, tok, load_task_split(t, "test")[:n], config)["exact_match"] for t in tasks]
-    return sum(scores) / len(scores)
+    per_task = [score_records(model, tok, load_task_split(t, "test")[:n], config) for t in tasks]
+    em = sum(s["exact_match"] for s in per_task) / len(per_task)
+    return em, sum(s["token_loss"] for s in per_task) / len(per_task)
 
 
 def heldout_after_finetune(model_dir: Path, config: EvalConfig) -> float:
@@ -97,26 +100,42 @@ def mean_sd(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}"
 
 
+def hyperparameters(args, steps: int) -> dict:
+    # The workers' own validation scoring is not needed here: the benchmark scores every model itself.
+    hp = {
+        "peft_method": args.peft,
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "eval_examples": 0,
+        "fisher_examples": args.fisher_examples,
+    }
+    if args.lr:
+        hp["lr"] = args.lr
+    return hp
+
+
 def run_merging(args, seed: int, base: Path, work: Path, groups: list[list[str]]) -> dict[str, float]:
-    hp = {"peft_method": args.peft, "steps": args.steps, "batch_size": args.batch_size}
+    hp = hyperparameters(args, args.steps)
     tasks = sorted({t for g in groups for t in g})
-    contribs = [
-        contribute(base, work, f"default:{i}-of-{len(groups)}", hp, seed, f"m{i}") for i in range(len(groups))
-    ]
-    row = {"base": exact_match(base, tasks, args.examples)}
+    n = len(groups)
+    contribs = [contribute(base, work, f"default:{i}-of-{n}", hp, seed, f"m{i}") for i in range(n)]
+    row: dict[str, float] = {}
+
+    def score(key: str, model_dir: Path, which: list[str]) -> None:
+        row[f"{key}: EM"], row[f"{key}: token loss"] = scores(model_dir, which, args.examples)
+
+    score("base", base, tasks)
     for i, c in enumerate(contribs):
         own = merge(base, [c], "average", work / f"own-{i}")
-        row[f"contributor {i} (all tasks)"] = exact_match(own, tasks, args.examples)
-        row[f"contributor {i} (own group)"] = exact_match(own, groups[i], args.examples)
+        score(f"contributor {i}, all tasks", own, tasks)
+        score(f"contributor {i}, own group", own, groups[i])
     for method in MERGE_METHODS:
-        row[f"merged: {method}"] = exact_match(
-            merge(base, contribs, method, work / f"merged-{method}"), tasks, args.examples
-        )
+        score(f"merged {method}", merge(base, contribs, method, work / f"merged-{method}"), tasks)
     return row
 
 
 def run_cold_fusion(args, seed: int, base: Path, work: Path, n: int) -> dict[str, float]:
-    hp = {"peft_method": args.peft, "steps": args.steps, "batch_size": args.batch_size}
+    hp = hyperparameters(args, args.cold_steps)
     config = EvalConfig(
         mod_examples_per_denoiser=1,
         seen_tasks=(SEEN_TASKS[0],),
@@ -137,14 +156,34 @@ def run_cold_fusion(args, seed: int, base: Path, work: Path, n: int) -> dict[str
     return row
 
 
+def report(args, groups, merging_rows, cold_rows) -> None:
+    print(f"\nsettings: {vars(args)}")
+    print(f"task groups: {groups}")
+    for title, rows in (
+        (f"1. merging {args.contributors} contributions: mean over their tasks", merging_rows),
+        ("2. ColD Fusion: held-out exact match after the short finetune", cold_rows),
+    ):
+        if not rows:
+            continue
+        print(f"\n{title} (mean ± sd over {len(rows)} seed(s))")
+        for key in rows[0]:
+            print(f"  {key:44s} {mean_sd([r[key] for r in rows])}")
+    sys.stdout.flush()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--contributors", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--peft", default="lora", choices=["lora", "ia3", "full"])
-    p.add_argument("--steps", type=int, default=150, help="finetuning steps per contribution")
+    p.add_argument("--peft", default="full", choices=["lora", "ia3", "full"])
+    p.add_argument("--steps", type=int, default=300, help="finetuning steps per contribution (merging)")
+    p.add_argument(
+        "--cold-steps", type=int, default=150, help="finetuning steps per contribution (ColD rounds)"
+    )
+    p.add_argument("--lr", type=float, default=1e-3, help="0: the worker's default for the PEFT method")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--fisher-examples", type=int, default=32)
     p.add_argument("--examples", type=int, default=32, help="test examples per task")
     p.add_argument("--heldout-steps", type=int, default=30, help="the short finetune on held-out tasks")
     p.add_argument("--cold-method", default="average")
@@ -153,33 +192,29 @@ def main() -> None:
     p.add_argument("--skip", choices=["merging", "cold"], default=None)
     args = p.parse_args()
     if args.quick:
-        args.seeds, args.contributors, args.rounds, args.steps, args.examples = [0], 2, 1, 10, 8
+        args.seeds, args.contributors, args.rounds, args.steps, args.cold_steps, args.examples = (
+            [0],
+            2,
+            1,
+            10,
+            10,
+            8,
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
     merging_rows, cold_rows = [], []
+    groups = group_tasks(args.contributors)
     with tempfile.TemporaryDirectory(prefix="fusion-quality-") as tmp:
         tmp = Path(tmp)
-        groups = group_tasks(args.contributors)
         for seed in args.seeds:
             base = build_default_version(tmp / f"v0-{seed}", seed=seed)
             if args.skip != "merging":
                 merging_rows.append(run_merging(args, seed, base, tmp / f"merging-{seed}", groups))
             if args.skip != "cold":
                 cold_rows.append(run_cold_fusion(args, seed, base, tmp / f"cold-{seed}", args.contributors))
-            print(f"seed {seed} done after {time.monotonic() - started:.0f}s", flush=True)
-
-    print(f"\nsettings: {vars(args)}")
-    print(f"task groups: {groups}")
-    for title, rows in (
-        (f"1. merging {args.contributors} contributions: mean exact match on their tasks", merging_rows),
-        ("2. ColD Fusion: held-out exact match after the short finetune", cold_rows),
-    ):
-        if not rows:
-            continue
-        print(f"\n{title} (mean ± sd over {len(rows)} seed(s))")
-        for key in rows[0]:
-            print(f"  {key:32s} {mean_sd([r[key] for r in rows])}")
+            print(f"\nseed {seed} done after {time.monotonic() - started:.0f}s", flush=True)
+            report(args, groups, merging_rows, cold_rows)  # partial results survive an interrupted run
     print(f"\ntotal {time.monotonic() - started:.0f}s")
 
 
