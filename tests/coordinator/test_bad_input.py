@@ -382,14 +382,16 @@ def test_interrupted_upload_resumes(fusion, tiny_model):
 
     with pytest.raises(grpc.RpcError):
         w.stub.UploadContribution(broken(), metadata=w.md)
-    # The server may still be finishing the cancelled stream; BeginUpload then says so.
-    for _ in range(50):
+    # The server may still be finishing the cancelled stream; BeginUpload then says so. On a loaded
+    # machine that can take seconds, so wait on a deadline rather than a count.
+    again, deadline = None, time.monotonic() + 60
+    while again is None and time.monotonic() < deadline:
         try:
             again = begin(w, rnd, len(data), assignment_id=a.id)
-            break
         except grpc.RpcError as exc:
             assert exc.code() == C.UNAVAILABLE, exc.details()
             time.sleep(0.1)
+    assert again is not None, "the cancelled stream never finished"
     assert again.upload_id == up.upload_id and again.offset == half
     resp = w.stub.UploadContribution(chunks(up.upload_id, data, offset=half), metadata=w.md)
     assert resp.size == len(data)
