@@ -375,9 +375,11 @@ def test_interrupted_upload_resumes(fusion, tiny_model):
 
     def broken():
         yield pb.UploadChunk(upload_id=up.upload_id, offset=0, data=data[:half])
-        deadline = time.monotonic() + 10
+        # Wait until the coordinator has written the first half (seconds on a loaded machine): only then
+        # is there something to resume; a stream broken before any byte landed starts over, correctly.
+        deadline = time.monotonic() + 120
         while part.stat().st_size < half and time.monotonic() < deadline:
-            time.sleep(0.01)  # the coordinator has written the first half
+            time.sleep(0.01)
         raise ConnectionError("network dropped")  # the client's stream breaks: gRPC cancels the call
 
     with pytest.raises(grpc.RpcError):
