@@ -148,6 +148,27 @@ class CoordinatorProcess:
         self.proc.wait(timeout=30)
 
 
+def join_swarm(processes, coordinator: CoordinatorProcess, tmp_path: Path, *flags: str, **popen):
+    """``join-swarm`` as a child process, with the coordinator's join token unless ``flags`` give one."""
+    token = (
+        []
+        if any(f.startswith("--token") for f in flags)
+        else [f"--token-file={coordinator.data_dir / 'join.token'}"]
+    )
+    return processes.start(
+        [
+            sys.executable,
+            "-m",
+            "coldswarm.worker.cli",
+            f"--coordinator={coordinator.address}",
+            *token,
+            f"--work-dir={tmp_path / 'worker'}",
+            *flags,
+        ],
+        **popen,
+    )
+
+
 def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -161,18 +182,8 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
 @pytest.mark.slow
 def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, version0, port):
     coordinator = CoordinatorProcess(processes, tmp_path / "coord", version0, port).start()
-    worker = processes.start(
-        [
-            sys.executable,
-            "-m",
-            "coldswarm.worker.cli",
-            f"--coordinator={coordinator.address}",
-            f"--token-file={tmp_path / 'coord' / 'join.token'}",
-            f"--work-dir={tmp_path / 'worker'}",
-            "--device=cpu",
-            "--max-assignments=1",
-            "--log-format=json",
-        ]
+    worker = join_swarm(
+        processes, coordinator, tmp_path, "--device=cpu", "--max-assignments=1", "--log-format=json"
     )
     rnd = coordinator.admin.OpenRound(
         pb.OpenRoundRequest(kind="fusion", quorum=1, method="fisher", options_json=json.dumps(TINY_FUSION)),
@@ -205,16 +216,7 @@ def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, vers
 
 def test_worker_stops_cleanly_on_sigterm_while_waiting_for_work(processes, tmp_path, version0, port):
     coordinator = CoordinatorProcess(processes, tmp_path / "coord", version0, port).start()
-    worker = processes.start(
-        [
-            sys.executable,
-            "-m",
-            "coldswarm.worker.cli",
-            f"--coordinator={coordinator.address}",
-            f"--token-file={tmp_path / 'coord' / 'join.token'}",
-            f"--work-dir={tmp_path / 'worker'}",
-        ]
-    )
+    worker = join_swarm(processes, coordinator, tmp_path)
 
     def registered():
         return coordinator.admin.ListWorkers(pb.ListWorkersRequest(), metadata=coordinator.md).workers
@@ -229,17 +231,8 @@ def test_worker_stops_cleanly_on_sigterm_while_waiting_for_work(processes, tmp_p
 
 def test_bad_token_exits_non_zero_with_advice(processes, tmp_path, version0, port):
     coordinator = CoordinatorProcess(processes, tmp_path / "coord", version0, port).start()
-    result = processes.start(
-        [
-            sys.executable,
-            "-m",
-            "coldswarm.worker.cli",
-            f"--coordinator={coordinator.address}",
-            "--token=not-a-token",
-            f"--work-dir={tmp_path / 'worker'}",
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
+    result = join_swarm(
+        processes, coordinator, tmp_path, "--token=not-a-token", stderr=subprocess.PIPE, text=True
     )
     _, err = result.communicate(timeout=120)
     assert result.returncode == 1
