@@ -89,6 +89,16 @@ def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def _summed_token_loss(logits, labels) -> tuple[float, int]:
+    """Cross-entropy summed over the labelled tokens, and their count (padding is -100)."""
+    import torch
+
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return float(loss), int((labels != -100).sum())
+
+
 def mod_losses(model, tokenizer, config: EvalConfig) -> dict:
     """Held-out MoD loss per denoiser and per mode (token-weighted mean over the mode's denoisers)."""
     import torch
@@ -116,12 +126,9 @@ def mod_losses(model, tokenizer, config: EvalConfig) -> dict:
         for chunk in _batches(pairs, config.batch_size):
             batch = _to(collator.collate_examples(chunk), config.device)
             with torch.no_grad():
-                logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
-            )
-            loss_sum += float(loss)
-            count += int((batch["labels"] != -100).sum())
+                batch_loss, batch_count = _summed_token_loss(model(**batch).logits, batch["labels"])
+            loss_sum += batch_loss
+            count += batch_count
         by_denoiser[d.name] = loss_sum / count if count else math.nan
         s = mode_sums.setdefault(d.mode, [0.0, 0])
         s[0] += loss_sum
@@ -143,12 +150,9 @@ def score_records(model, tokenizer, records: list[dict], config: EvalConfig) -> 
         pairs = [tokenize_record(r, tokenizer, s2s) for r in chunk]
         batch = _to(collate_seq2seq(pairs, tokenizer.pad_token_id), config.device)
         with torch.no_grad():
-            logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100, reduction="sum"
-            )
-            loss_sum += float(loss)
-            count += int((batch["labels"] != -100).sum())
+            batch_loss, batch_count = _summed_token_loss(model(**batch).logits, batch["labels"])
+            loss_sum += batch_loss
+            count += batch_count
             max_new = min(config.max_new_tokens, max(len(p[1]) for p in pairs) + 2)
             out = model.generate(
                 input_ids=batch["input_ids"],
