@@ -89,9 +89,14 @@ def scores(model_dir: Path, tasks: list[str], n: int) -> tuple[float, float]:
     return em, sum(s["token_loss"] for s in per_task) / len(per_task)
 
 
-def heldout_after_finetune(model_dir: Path, config: EvalConfig) -> float:
+def heldout_after_finetune(model_dir: Path, config: EvalConfig) -> tuple[float, float]:
+    """Held-out exact match and token loss after the short finetune (means over the tasks)."""
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    return evaluate_model(model, tok, config)["heldout_exact_match"]
+    heldout = evaluate_model(model, tok, config)["heldout"].values()
+    return (
+        statistics.mean(s["exact_match"] for s in heldout),
+        statistics.mean(s["token_loss"] for s in heldout),
+    )
 
 
 def mean_sd(xs: list[float]) -> str:
@@ -144,7 +149,10 @@ def run_cold_fusion(args, seed: int, base: Path, work: Path, n: int) -> dict[str
         heldout_examples_per_task=args.examples,
         seed=seed,
     )
-    row = {"round 0 (version 0)": heldout_after_finetune(base, config)}
+    row: dict[str, float] = {}
+    row["round 0 (version 0): EM"], row["round 0 (version 0): token loss"] = heldout_after_finetune(
+        base, config
+    )
     current = base
     for r in range(1, args.rounds + 1):
         contribs = [
@@ -152,7 +160,7 @@ def run_cold_fusion(args, seed: int, base: Path, work: Path, n: int) -> dict[str
             for i in range(n)
         ]
         current = merge(current, contribs, args.cold_method, work / f"cold-{r}")
-        row[f"round {r}"] = heldout_after_finetune(current, config)
+        row[f"round {r}: EM"], row[f"round {r}: token loss"] = heldout_after_finetune(current, config)
     return row
 
 
@@ -161,7 +169,7 @@ def report(args, groups, merging_rows, cold_rows) -> None:
     print(f"task groups: {groups}")
     for title, rows in (
         (f"1. merging {args.contributors} contributions: mean over their tasks", merging_rows),
-        ("2. ColD Fusion: held-out exact match after the short finetune", cold_rows),
+        ("2. ColD Fusion: held-out tasks after the short finetune", cold_rows),
     ):
         if not rows:
             continue
@@ -179,12 +187,12 @@ def main() -> None:
     p.add_argument("--peft", default="full", choices=["lora", "ia3", "full"])
     p.add_argument("--steps", type=int, default=300, help="finetuning steps per contribution (merging)")
     p.add_argument(
-        "--cold-steps", type=int, default=150, help="finetuning steps per contribution (ColD rounds)"
+        "--cold-steps", type=int, default=60, help="finetuning steps per contribution (ColD rounds)"
     )
     p.add_argument("--lr", type=float, default=1e-3, help="0: the worker's default for the PEFT method")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fisher-examples", type=int, default=32)
-    p.add_argument("--examples", type=int, default=32, help="test examples per task")
+    p.add_argument("--examples", type=int, default=16, help="test examples per task")
     p.add_argument("--heldout-steps", type=int, default=30, help="the short finetune on held-out tasks")
     p.add_argument("--cold-method", default="average")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
