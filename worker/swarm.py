@@ -262,10 +262,10 @@ def start_dht(
 ):
     """Start a hivemind DHT peer (a background process plus its p2p daemon). ``kwargs`` go to ``hivemind.DHT``
     (e.g. ``identity_path`` for a peer id that survives restarts)."""
-    from hivemind import DHT
+    from coldswarm.worker.dht_process import ResilientDHT
 
     register_safe_codecs()
-    return DHT(
+    return ResilientDHT(
         initial_peers=list(initial_peers),
         host_maddrs=list(host_maddrs),
         announce_maddrs=list(announce_maddrs) or None,
