@@ -23,7 +23,9 @@ def main() -> None:
             averager.shutdown()
         print("cycles:", CYCLES)
         print("dht process:", "alive" if dht.is_alive() else "dead")
-        stored = dht.store("churn_probe", "still here", expiration_time=get_dht_time() + 60, return_future=True)
+        stored = dht.store(
+            "churn_probe", "still here", expiration_time=get_dht_time() + 60, return_future=True
+        )
         stored.result(timeout=30)
         found = dht.get("churn_probe", return_future=True).result(timeout=30)
         print("dht answers:", "yes" if found is not None and found.value == "still here" else "no")
