@@ -39,7 +39,8 @@ class CoordinatorConfig:
     )
     threads: int = _opt(64, "gRPC worker threads (each in-flight RPC holds one).")
     max_upload_bytes: int = _opt(
-        2048 * MiB, "Largest contribution payload accepted; larger uploads get RESOURCE_EXHAUSTED."
+        2048 * MiB,
+        "Largest contribution accepted, on the wire and once decoded; larger ones get RESOURCE_EXHAUSTED.",
     )
     chunk_bytes: int = _opt(1 * MiB, "Bytes per chunk in downloads, and the most accepted per upload chunk.")
     heartbeat_interval_s: float = _opt(10.0, "How often workers are told to heartbeat.")

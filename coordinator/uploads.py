@@ -46,6 +46,7 @@ from coldswarm.coordinator.rounds import RoundManager
 from coldswarm.coordinator.store import Store
 from coldswarm.coordinator.validate import check_contribution
 from coldswarm.coordinator.versions import VersionStore
+from coldswarm.fusion.errors import DecodedTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,10 @@ def codec_names() -> list[str]:
     return sorted(set(CODECS) | {"none"})
 
 
-def _decode(codec: str, data: bytes) -> bytes:
+def _decode(codec: str, data: bytes, max_output: int) -> bytes:
     from coldswarm.fusion.codecs import CODECS
 
-    return CODECS[codec].decode(data)
+    return CODECS[codec].decode(data, max_output=max_output)
 
 
 @dataclass
@@ -315,7 +316,14 @@ class UploadManager:
         if row["codec"] != "none":
             decoded = self.blobs.temp_path(prefix="decoded-")
             try:
-                decoded.write_bytes(_decode(row["codec"], part.read_bytes()))
+                # Bounded like the wire bytes: a small compressed upload must not expand without limit.
+                decoded.write_bytes(_decode(row["codec"], part.read_bytes(), self.max_upload_bytes))
+            except DecodedTooLarge as exc:
+                decoded.unlink(missing_ok=True)
+                raise ResourceExhausted(
+                    f"the payload decoded with codec {row['codec']!r} is larger than this coordinator's "
+                    f"limit of {self.max_upload_bytes} bytes: {exc}"
+                ) from None
             except Exception as exc:
                 decoded.unlink(missing_ok=True)
                 raise InvalidArgument(

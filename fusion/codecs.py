@@ -24,7 +24,9 @@ name               lossless  what it does
 =================  ========  ==================================================================
 
 Use :func:`encode_file` / :func:`decode_file` for files, :func:`sniff` to tell which codec framed
-some bytes. zstd runs single-threaded at level 3 by default (``ZSTD_LEVEL``) so a busy coordinator
+some bytes. Decoding what someone else encoded: pass ``max_output`` (the most bytes you accept). The
+frame's declared length is checked against it before anything is allocated, and every zstd stream is
+read with a bound, so a small upload cannot expand into gigabytes (:class:`DecodedTooLarge`). zstd runs single-threaded at level 3 by default (``ZSTD_LEVEL``) so a busy coordinator
 stays responsive; raise the level for archival.
 """
 
@@ -41,7 +43,7 @@ import numpy as np
 import torch
 
 from .checkpoint import DTYPE_NAMES, DTYPES, atomic_write_bytes
-from .errors import CodecError
+from .errors import CodecError, DecodedTooLarge
 
 MAGIC = b"CSWC"
 VERSION = 1
@@ -61,17 +63,43 @@ def _compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
     return _zstd().ZstdCompressor(level=level, write_checksum=True).compress(data)
 
 
-def _decompress(data: bytes | memoryview, expected: int, what: str) -> bytes:
+def _decompress_bounded(data: bytes | memoryview, limit: int, what: str) -> bytes:
+    """All of a zstd stream, refusing to produce more than ``limit`` bytes.
+
+    A zstd frame may declare any content size, and one-shot decompression would allocate it; reading
+    the stream in blocks bounds the memory by what is actually produced, and stops past ``limit``."""
     z = _zstd()
+    parts, total = [], 0
     try:
-        out = z.ZstdDecompressor().decompress(data, max_output_size=expected)
+        reader = z.ZstdDecompressor().stream_reader(data)
+        while True:
+            block = reader.read(min(16 * 2**20, limit - total + 1))
+            if not block:
+                break
+            total += len(block)
+            if total > limit:
+                raise DecodedTooLarge(f"{what}: expands past {limit} bytes; refusing to decode it further")
+            parts.append(block)
     except z.ZstdError as e:
         raise CodecError(
             f"{what}: corrupt zstd data ({e}); the file is damaged or truncated -- download it again"
         ) from e
+    return b"".join(parts)
+
+
+def _decompress(data: bytes | memoryview, expected: int, what: str) -> bytes:
+    out = _decompress_bounded(data, expected, what)
     if len(out) != expected:
         raise CodecError(f"{what}: decoded {len(out)} bytes, expected {expected}; the data is damaged")
     return out
+
+
+def _check_output_size(name: str, size: int, max_output: int | None) -> None:
+    if max_output is not None and size > max_output:
+        raise DecodedTooLarge(
+            f"{name}: the data decodes to {size} bytes, more than the {max_output} accepted here; "
+            "send a smaller contribution (fewer statistics, a PEFT adapter instead of full weights)"
+        )
 
 
 def _frame(name: str, original_len: int, payload: bytes) -> bytes:
@@ -79,7 +107,7 @@ def _frame(name: str, original_len: int, payload: bytes) -> bytes:
     return MAGIC + bytes([VERSION, len(nb)]) + nb + struct.pack("<Q", original_len) + payload
 
 
-def _unframe(name: str, data: bytes | memoryview) -> tuple[int, memoryview]:
+def _unframe(name: str, data: bytes | memoryview, max_output: int | None) -> tuple[int, memoryview]:
     data = memoryview(data)
     found = sniff(bytes(data[:64]))
     if found is None or found == "none":
@@ -94,6 +122,7 @@ def _unframe(name: str, data: bytes | memoryview) -> tuple[int, memoryview]:
     if len(data) < start + 8:
         raise CodecError(f"{name}: truncated frame header")
     (orig,) = struct.unpack_from("<Q", data, start)
+    _check_output_size(name, orig, max_output)
     return orig, data[start + 8 :]
 
 
@@ -122,7 +151,8 @@ def none_encode(data: bytes) -> bytes:
     return bytes(data)
 
 
-def none_decode(data: bytes) -> bytes:
+def none_decode(data: bytes, max_output: int | None = None) -> bytes:
+    _check_output_size("none", len(data), max_output)
     if bytes(data[:4]) == MAGIC:
         raise CodecError(
             f"data is framed by codec {sniff(bytes(data[:64]))!r}; decode it with that codec, not 'none'"
@@ -134,8 +164,8 @@ def zstd_encode(data: bytes) -> bytes:
     return _frame("zstd", len(data), _compress(data))
 
 
-def zstd_decode(data: bytes) -> bytes:
-    orig, payload = _unframe("zstd", data)
+def zstd_decode(data: bytes, max_output: int | None = None) -> bytes:
+    orig, payload = _unframe("zstd", data, max_output)
     return _decompress(payload, orig, "zstd")
 
 
@@ -208,8 +238,8 @@ def bytegroup_encode(data: bytes, level: int = ZSTD_LEVEL) -> bytes:
     return _frame("bytegroup", len(data), body + b"".join(sections))
 
 
-def bytegroup_decode(data: bytes) -> bytes:
-    orig, payload = _unframe("bytegroup", data)
+def bytegroup_decode(data: bytes, max_output: int | None = None) -> bytes:
+    orig, payload = _unframe("bytegroup", data, max_output)
     try:
         mode, count = struct.unpack_from("<BI", payload, 0)
         lens = struct.unpack_from(f"<{count}Q", payload, 5)
@@ -224,7 +254,7 @@ def bytegroup_decode(data: bytes) -> bytes:
         pos += n
     if mode == 0:
         return _decompress(chunks[0], orig, "bytegroup")
-    head = _decompress_all(chunks[0], "bytegroup header")
+    head = _decompress_bounded(chunks[0], orig, "bytegroup header")
     if len(head) < 8 or len(head) != 8 + int.from_bytes(head[:8], "little") or len(head) > orig:
         raise CodecError("bytegroup: the embedded safetensors header is invalid")
     out = bytearray(orig)
@@ -251,14 +281,6 @@ def bytegroup_decode(data: bytes) -> bytes:
             outv[start + s : start + e] = flat[pos : pos + e - s]
             pos += e - s
     return bytes(out)
-
-
-def _decompress_all(chunk: bytes | memoryview, what: str) -> bytes:
-    z = _zstd()
-    try:
-        return z.ZstdDecompressor().decompressobj().decompress(bytes(chunk))
-    except z.ZstdError as e:
-        raise CodecError(f"{what}: corrupt zstd data ({e}); the data is damaged or truncated") from e
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,14 +334,15 @@ def _from_bytes(b: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
 
 
-def int8_blockwise_decode(data: bytes) -> bytes:
+def int8_blockwise_decode(data: bytes, max_output: int | None = None) -> bytes:
     from bitsandbytes.functional import QuantState, create_dynamic_map, dequantize_blockwise
     from safetensors.torch import save
 
-    _, payload = _unframe("int8_blockwise", data)
+    orig, payload = _unframe("int8_blockwise", data, max_output)
     z = _zstd()
     try:
-        raw = z.ZstdDecompressor().decompressobj().decompress(bytes(payload))
+        # The quantised form is smaller than the original but for its index and per-tensor lengths.
+        raw = _decompress_bounded(payload, orig + 2**20, "int8_blockwise")
         (n,) = struct.unpack_from("<Q", raw, 0)
         head = json.loads(raw[8 : 8 + n])
         pos = 8 + n
@@ -344,9 +367,13 @@ def int8_blockwise_decode(data: bytes) -> bytes:
                 out[e["name"]] = dequantize_blockwise(codes, state).reshape(shape).to(dt)
             else:
                 out[e["name"]] = _from_bytes(blob()).view(dt).reshape(shape)
+    except DecodedTooLarge:
+        raise
     except (z.ZstdError, struct.error, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CodecError(f"int8_blockwise: damaged data ({e}); download it again") from e
-    return save(out, metadata=head["metadata"] or None)
+    decoded = save(out, metadata=head["metadata"] or None)
+    _check_output_size("int8_blockwise", len(decoded), max_output)
+    return decoded
 
 
 def measure_error(original: bytes, decoded: bytes) -> dict[str, dict[str, float]]:
@@ -375,7 +402,8 @@ def measure_error(original: bytes, decoded: bytes) -> dict[str, dict[str, float]
 class Codec:
     name: str
     encode: Callable[[bytes], bytes]
-    decode: Callable[[bytes], bytes]
+    #: ``decode(data, max_output=None)``: ``max_output`` bounds the decoded size (DecodedTooLarge past it)
+    decode: Callable[..., bytes]
     lossless: bool
     summary: str
     reference: str
@@ -410,13 +438,16 @@ def encode_file(src: str | os.PathLike, dst: str | os.PathLike, codec: str) -> i
     return len(data)
 
 
-def decode_file(src: str | os.PathLike, dst: str | os.PathLike, codec: str | None = None) -> int:
-    """Decode ``src`` into plain bytes at ``dst`` (atomically). ``codec`` None: detect from the frame."""
+def decode_file(
+    src: str | os.PathLike, dst: str | os.PathLike, codec: str | None = None, max_output: int | None = None
+) -> int:
+    """Decode ``src`` into plain bytes at ``dst`` (atomically). ``codec`` None: detect from the frame;
+    ``max_output``: the most decoded bytes accepted (:class:`DecodedTooLarge` past it)."""
     data = Path(src).read_bytes()
     name = codec or sniff(data[:64])
     if name is None:
         raise CodecError(f"{src}: neither a coldswarm codec frame nor a safetensors file")
-    out = get_codec(name).decode(data)
+    out = get_codec(name).decode(data, max_output=max_output)
     atomic_write_bytes(dst, out)
     return len(out)
 

@@ -39,3 +39,8 @@ class MergeError(FusionError):
 
 class CodecError(FusionError, ValueError):
     """Bytes could not be encoded or decoded by a compression codec."""
+
+
+class DecodedTooLarge(CodecError):
+    """Encoded data declares or expands to more bytes than the caller allows (a decompression bomb, or a
+    contribution larger than the receiver accepts). Raised before the output is allocated."""

@@ -246,6 +246,20 @@ def test_over_size_limit(make_harness, tiny_model):
     sent.clear()
     refused(lambda: w.stub.UploadContribution(flood(), metadata=w.md), C.RESOURCE_EXHAUSTED, "limit")
     assert len(sent) < 64
+    # Small on the wire, past the limit once decoded (a decompression bomb): refused before it expands.
+    from coldswarm.fusion.codecs import CODECS
+
+    bomb = CODECS["zstd"].encode(bytes(2**20))
+    assert len(bomb) < 4096
+    up = w.stub.BeginUpload(
+        pb.BeginUploadRequest(round_id=rnd.id, base_version=0, total_size=len(bomb), codec="zstd"),
+        metadata=w.md,
+    )
+    refused(
+        lambda: w.stub.UploadContribution(chunks(up.upload_id, bomb), metadata=w.md),
+        C.RESOURCE_EXHAUSTED,
+        "decoded with codec 'zstd' is larger than",
+    )
     assert_unchanged(h, before)
 
 

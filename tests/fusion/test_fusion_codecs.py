@@ -10,7 +10,7 @@ from safetensors.torch import load, save
 
 from coldswarm.fusion.codecs import CODECS, decode_file, encode_file, get_codec, measure_error, sniff
 from coldswarm.fusion.contribution import ContributionMeta, LoraMeta, open_contribution, save_contribution
-from coldswarm.fusion.errors import CodecError, ContributionError
+from coldswarm.fusion.errors import CodecError, ContributionError, DecodedTooLarge
 
 
 def payload(seed=0):
@@ -105,6 +105,31 @@ def test_garbage_and_mismatched_frames_fail_clearly():
             CODECS[name].decode(enc[: len(enc) // 2])  # truncated
     with pytest.raises(CodecError, match="not a safetensors"):
         CODECS["int8_blockwise"].encode(b"plain text")
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_decoded_size_limit_is_exact(name):
+    data = payload()
+    enc = CODECS[name].encode(data)
+    assert len(CODECS[name].decode(enc, max_output=len(data))) == len(data)
+    with pytest.raises(DecodedTooLarge, match="more than the"):
+        CODECS[name].decode(enc, max_output=len(data) - 1)
+
+
+def test_forged_frames_cannot_expand_past_what_they_declare():
+    import struct
+
+    from coldswarm.fusion.codecs import _compress, _frame
+
+    bomb = _compress(bytes(64 * 2**20))  # 64 MiB of zeros: a few KiB on the wire
+    assert len(bomb) < 2**16
+    one_section = struct.pack("<BI", 1, 1) + struct.pack("<Q", len(bomb)) + bomb
+    for name, body in (("zstd", bomb), ("int8_blockwise", bomb), ("bytegroup", one_section)):
+        forged = _frame(name, 1000, body)  # declares 1,000 bytes, expands to 64 MiB
+        with pytest.raises(DecodedTooLarge, match="expands past"):
+            CODECS[name].decode(forged, max_output=10**6)
+        with pytest.raises(DecodedTooLarge, match="more than the"):
+            CODECS[name].decode(_frame(name, 2**40, body), max_output=10**6)  # declares 1 TiB
 
 
 def test_files_and_codec_wrapped_contributions_open_transparently(tmp_path):
