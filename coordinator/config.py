@@ -15,10 +15,12 @@ from pathlib import Path
 MiB = 1024 * 1024
 
 
-def _opt(default, help: str):
+def _opt(default, help: str, hidden: bool = False):
+    """A config field with its ``--help`` text; ``hidden`` keeps a testing knob out of ``--help``."""
+    metadata = {"help": help, "hidden": hidden}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class CoordinatorConfig:
         "Testing only: sleep this long inside every merge, after the merged weights are written "
         "and before the version is recorded (env COLDSWARM_TEST_MERGE_DELAY_S), so a test can "
         "kill the coordinator mid-merge.",
+        hidden=True,
     )
     tick_s: float = _opt(1.0, "How often deadlines are checked and heartbeats flushed to the state.")
 
@@ -113,6 +116,9 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         else:
             default = None
         help_text = f.metadata.get("help", "")
+        hidden = f.metadata.get("hidden", False)
+        if hidden:
+            help_text = argparse.SUPPRESS
         kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if kind == "bool":
             parser.add_argument(
@@ -125,7 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
             if "Path" in kind:
                 conv = Path
             parser.add_argument(
-                flag, dest=f.name, type=conv, default=default, help=f"{help_text} (default: {default})"
+                flag,
+                dest=f.name,
+                type=conv,
+                default=default,
+                help=help_text if hidden else f"{help_text} (default: {default})",
             )
 
 

@@ -250,6 +250,12 @@ class RoundManager:
             )
         if kind == "pretrain":
             method = "pretrain"
+            if not self.dht_peers():
+                raise FailedPrecondition(
+                    "a pretrain round needs a hivemind DHT for its workers to meet in, and this coordinator "
+                    "runs none: restart it with --dht-listen /ip4/0.0.0.0/tcp/31337 (it then also collects "
+                    "the round's result), or name a running swarm's peers with --dht-peers"
+                )
         base = self.versions.resolve("latest" if base_version is None else base_version)
         now = time.time()
         with self._lock, self.store.tx() as c:

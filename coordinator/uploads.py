@@ -46,22 +46,17 @@ from coldswarm.coordinator.rounds import RoundManager
 from coldswarm.coordinator.store import Store
 from coldswarm.coordinator.validate import check_contribution
 from coldswarm.coordinator.versions import VersionStore
+from coldswarm.fusion.codecs import CODECS
 from coldswarm.fusion.errors import DecodedTooLarge
 
 log = logging.getLogger(__name__)
 
 
 def codec_names() -> list[str]:
-    try:
-        from coldswarm.fusion.codecs import CODECS
-    except ImportError:
-        return ["none"]
-    return sorted(set(CODECS) | {"none"})
+    return sorted(CODECS)
 
 
 def _decode(codec: str, data: bytes, max_output: int) -> bytes:
-    from coldswarm.fusion.codecs import CODECS
-
     return CODECS[codec].decode(data, max_output=max_output)
 
 

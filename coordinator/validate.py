@@ -3,16 +3,15 @@
 The coordinator's own checks run on every upload (they need only safetensors):
 the payload parses as safetensors, every tensor name is ``<namespace>/<name>``
 with a known namespace and a ``<name>`` the base has, shapes fit the base,
-dtypes are floating point, and no value is NaN or Inf. When
-``coldswarm.fusion.validate`` is installed, its ``validate_contribution`` runs
-too (it knows the forms' finer rules). Each failure is an
+dtypes are floating point, and no value is NaN or Inf. Then
+``coldswarm.fusion.validate.validate_contribution`` runs (it knows the forms'
+finer rules). Each failure is an
 :class:`InvalidArgument` naming the tensor.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +20,8 @@ from safetensors import SafetensorError, safe_open
 
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument
 from coldswarm.coordinator.versions import FLOAT_DTYPES, ParamInfo
-
-log = logging.getLogger(__name__)
+from coldswarm.fusion.errors import ContributionError
+from coldswarm.fusion.validate import validate_contribution
 
 # Namespace -> how the rest of the name relates to the base: a parameter, or a module
 # whose `<module>.weight` is a parameter (docs/INTERFACES.md, "Contribution payload").
@@ -154,12 +153,7 @@ def check_contribution(
 
 
 def _fusion_validate(path: Path, base_dir: Path, base_version: int, method: str) -> None:
-    """fusion's own validation, when that package provides it (it names the tensor on failure)."""
-    try:
-        from coldswarm.fusion.errors import ContributionError
-        from coldswarm.fusion.validate import validate_contribution
-    except ImportError:
-        return
+    """fusion's own validation (it names the contribution and the tensor on failure)."""
     try:
         validate_contribution(
             str(path),
@@ -170,6 +164,3 @@ def _fusion_validate(path: Path, base_dir: Path, base_version: int, method: str)
         )
     except ContributionError as exc:
         raise InvalidArgument(str(exc)) from None
-    except ImportError as exc:
-        # fusion is installed only in part (e.g. its codecs are missing): our own checks stand.
-        log.warning("skipping coldswarm.fusion validation: %s", exc)

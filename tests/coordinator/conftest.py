@@ -160,7 +160,13 @@ class Harness:
         return out
 
 
+#: a DHT peer to hand out, so that pretrain rounds open without starting hivemind (nobody dials it here)
+FAKE_DHT_PEER = "/ip4/127.0.0.1/tcp/9/p2p/QmPretrainRoundsNeedSomePeerToHandOut"
+
+
 def make_config(data_dir: Path, base_model: Path | None, **kw) -> CoordinatorConfig:
+    if not kw.get("dht_listen"):
+        kw.setdefault("dht_peers", [FAKE_DHT_PEER])
     return CoordinatorConfig(data_dir=data_dir, listen="127.0.0.1:0", base_model=base_model, tick_s=0.1, **kw)
 
 

@@ -355,6 +355,17 @@ def test_pretrain_round_takes_no_uploads(harness):
     refused(lambda: begin(w, rnd, 10), C.FAILED_PRECONDITION, "pretrain")
 
 
+def test_pretrain_round_needs_a_swarm(make_harness):
+    h = make_harness(dht_peers=[])
+    before = h.counts()
+    refused(
+        lambda: h.admin.OpenRound(pb.OpenRoundRequest(kind="pretrain"), metadata=h.amd),
+        C.FAILED_PRECONDITION,
+        "--dht-listen",
+    )
+    assert_unchanged(h, before)
+
+
 def test_bad_round_requests(harness):
     a, amd = harness.admin, harness.amd
     refused(
