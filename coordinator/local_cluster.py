@@ -133,8 +133,9 @@ def console_script(name: str) -> str:
 
 
 def coordinator_command(
-    data_dir: Path, listen: str, dht_listen: str, join_token_file: Path, extra=()
+    data_dir: Path, listen: str, dht_listen: str, join_token_file: Path, evaluator: str, method: str
 ) -> list[str]:
+    """The coordinator as coldswarm-local and compose.yaml run it (tests/e2e/test_compose.py compares)."""
     return [
         "coldswarm-coordinator",
         "serve",
@@ -142,11 +143,13 @@ def coordinator_command(
         f"--listen={listen}",
         f"--dht-listen={dht_listen}",
         f"--join-token-file={join_token_file}",
-        *extra,
+        f"--evaluator={evaluator}",
+        f"--default-method={method}",
     ]
 
 
 def worker_command(coordinator: str, token_file: Path, work_dir: Path, device: str, extra=()) -> list[str]:
+    """A worker as compose.yaml runs it; ``extra``: coldswarm-local's per-process flags (name, loopback)."""
     return [
         "join-swarm",
         f"--coordinator={coordinator}",
@@ -192,14 +195,14 @@ class LocalCluster:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"127.0.0.1:{port}"
-        extra = [f"--evaluator={cfg.evaluator}", f"--default-method={cfg.method}"]
         self._spawn(
             coordinator_command(
                 cfg.coordinator_dir,
                 self.address,
                 f"/ip4/127.0.0.1/tcp/{free_port()}",
                 cfg.join_token_file,
-                extra,
+                cfg.evaluator,
+                cfg.method,
             ),
             "coordinator",
         )
@@ -212,7 +215,8 @@ class LocalCluster:
                     cfg.join_token_file,
                     cfg.run_dir / f"worker-{i}",
                     "cpu",
-                    [f"--name=local-{i}"],
+                    # hivemind peers on loopback only, like everything else of the local cluster
+                    [f"--name=local-{i}", "--swarm-listen=/ip4/127.0.0.1/tcp/0"],
                 ),
                 f"worker-{i}",
                 threads=threads,
@@ -298,6 +302,20 @@ class LocalCluster:
             time.sleep(1.0)
         raise TimeoutError(f"round {opened.id} did not finish in {cfg.round_timeout_s:.0f}s")
 
+    def download(self, ref: str, out: Path) -> list[str]:
+        """Download version ``ref`` into ``out`` with the admin CLI, as a user would; returns the command."""
+        command = [
+            "coldswarm-admin",
+            f"--coordinator={self.address}",
+            f"--token-file={self.config.coordinator_dir.resolve() / 'admin.token'}",
+            "download",
+            ref,
+            "--out",
+            str(out),
+        ]
+        subprocess.run([console_script(command[0]), *command[1:]], check=True, timeout=600)
+        return command
+
     def versions_dir(self) -> Path:
         """Where the coordinator keeps each version as an HF directory (``<dir>/<number>``)."""
         return self.config.coordinator_dir / "versions"
@@ -378,13 +396,12 @@ def main(argv: list[str] | None = None) -> int:
             print()
             print_table(rows)
         latest = cluster.version("latest")
-        path = config.coordinator_dir.resolve()
-        print(f"\nlatest version: {latest.number} (stored under {path})")
-        print("download it while a coordinator serves that data dir:")
-        print(f"  coldswarm-coordinator serve --data-dir {path} &")
-        print(
-            f"  coldswarm-admin --token-file {path / 'admin.token'} download latest --out ./coldswarm-v{latest.number}"
-        )
+        out = (config.run_dir / f"coldswarm-v{latest.number}").resolve()
+        command = cluster.download("latest", out)
+        print(f"\nlatest version: {latest.number}, downloaded to {out}")
+        print("  (a Hugging Face directory: AutoModelForSeq2SeqLM.from_pretrained / AutoTokenizer load it)")
+        print("the command that downloads it while this coordinator serves (--keep-serving keeps it up):")
+        print("  " + " ".join(command))
         if config.keep_serving:
             print(f"\ncoordinator serving on {cluster.address}; Ctrl-C to stop")
             while True:

@@ -23,9 +23,16 @@ def flag_names(argv):
 
 def test_coordinator_service_matches_local_cluster(compose):
     command = compose["services"]["coordinator"]["command"]
-    local = local_cluster.coordinator_command(Path("/d"), "h:1", "/ip4/0.0.0.0/tcp/1", Path("/d/j"))
+    defaults = local_cluster.LocalClusterConfig()
+    local = local_cluster.coordinator_command(
+        Path("/d"), "h:1", "/ip4/0.0.0.0/tcp/1", Path("/d/j"), defaults.evaluator, defaults.method
+    )
     assert command[:2] == local[:2] == ["coldswarm-coordinator", "serve"]
     assert flag_names(command) == flag_names(local)
+    # The same evaluator and merge method, so versions made under compose carry the same metrics.
+    values = lambda argv: {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if a.startswith("--")}  # noqa: E731
+    for flag in ("--evaluator", "--default-method"):
+        assert values(command)[flag] == values(local)[flag]
 
 
 def test_worker_service_matches_local_cluster(compose):

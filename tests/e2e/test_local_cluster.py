@@ -55,14 +55,7 @@ def test_local_cluster_pretrain_and_fusion_rounds_then_download(tmp_path, proces
         assert {"seen_exact_match", "heldout_exact_match", "mod_loss"} <= set(f_manifest["metrics"])
 
         out = tmp_path / "download"
-        admin = [
-            sys.executable,
-            "-m",
-            "coldswarm.coordinator.admin_cli",
-            f"--coordinator={cluster.address}",
-            f"--token-file={config.coordinator_dir / 'admin.token'}",
-        ]
-        subprocess.run([*admin, "download", "latest", "--out", str(out)], check=True, timeout=300)
+        cluster.download("latest", out)  # coldswarm-admin download, as coldswarm-local's last step runs it
         generated = subprocess.run(
             [sys.executable, "-c", GENERATE, str(out)],
             check=True,
