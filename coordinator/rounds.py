@@ -417,7 +417,7 @@ class RoundManager:
                 "peft_method": opts.get("peft_method", "lora"),
                 "hyperparameters_json": json.dumps(opts.get("hyperparameters", {}), sort_keys=True),
                 "statistics": list(opts.get("statistics", STATISTICS_FOR.get(rnd.method, []))),
-                "codec": opts.get("codec", "none"),
+                "codec": opts.get("codec", ""),  # empty: the worker's default (FusionHyperparameters.codec)
             }
         else:
             task = {

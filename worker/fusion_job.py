@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import time
+from pathlib import Path
 
 import torch
 
@@ -122,9 +123,21 @@ def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
     plain = save_contribution(ctx.scratch_dir / "contribution.safetensors", tensors, meta)
     encoded = ctx.scratch_dir / f"contribution.{hp.codec}"
     size = codecs.encode_file(plain, encoded, hp.codec)
+    if not codecs.get_codec(hp.codec).lossless:
+        metrics.update(codec_error(plain, encoded, hp.codec))
+        log.info("lossy codec %s: relative RMS error %s", hp.codec, metrics["codec_rel_rms_max"])
     plain.unlink()
     log.info("contribution: %d tensors, %d bytes encoded with %s", len(tensors), size, hp.codec)
     return JobResult(payload=encoded, codec=hp.codec, num_examples=num_examples, metrics=metrics)
+
+
+def codec_error(plain: Path, encoded: Path, codec: str) -> dict[str, float]:
+    """What a lossy codec did to the contribution, for its metrics: the largest and the mean relative RMS
+    error over the tensors it changed (what the coordinator will merge, not what the worker trained)."""
+    decoded = codecs.get_codec(codec).decode(encoded.read_bytes())
+    errors = [e["rel_rms"] for e in codecs.measure_error(plain.read_bytes(), decoded).values()]
+    changed = [e for e in errors if e > 0] or [0.0]
+    return {"codec_rel_rms_max": max(changed), "codec_rel_rms_mean": sum(changed) / len(changed)}
 
 
 def package(

@@ -29,19 +29,26 @@ def context(version_dir, tmp_path, task, cancel=None):
     return JobContext(assignment, version_dir, scratch, None, "cpu", Progress(), cancel or threading.Event())
 
 
-@pytest.mark.parametrize("method,form", [("lora", "lora"), ("ia3", "ia3"), ("full", "delta")])
-def test_fusion_job_produces_a_valid_contribution(version0, tmp_path, method, form):
+@pytest.mark.parametrize(
+    "method,form,codec",
+    [("lora", "lora", "int8_blockwise"), ("ia3", "ia3", "zstd"), ("full", "delta", "zstd")],
+)
+def test_fusion_job_produces_a_valid_contribution(version0, tmp_path, method, form, codec):
     task = pb.FusionTask(
         shard="default:0-of-2",
         peft_method=method,
         hyperparameters_json=json.dumps(QUICK),
         statistics=["fisher", "regmean"],
-        codec="zstd",
+        codec=codec,
     )
     ctx = context(version0, tmp_path, task)
     result = run_fusion_job(ctx, task)
-    assert result.codec == "zstd" and result.num_examples == 3 * 4
+    assert result.codec == codec and result.num_examples == 3 * 4
     assert {"train_loss", "val_exact_match_before", "val_token_loss_after"} <= set(result.metrics)
+    if codec == "int8_blockwise":  # a lossy codec's error is measured and reported with the contribution
+        assert 0 < result.metrics["codec_rel_rms_mean"] <= result.metrics["codec_rel_rms_max"] < 0.05
+    else:
+        assert "codec_rel_rms_max" not in result.metrics
     with open_contribution(result.payload) as contribution:
         assert contribution.meta.form == form
         assert contribution.meta.base_version == 0
