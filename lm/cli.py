@@ -41,8 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shard", help="resolve a shard spec and print its first records")
     s.add_argument("spec")
     s.add_argument("--data", default=None, help="the worker's data dir")
-    s.add_argument("--split", default="train")
+    s.add_argument("--split", default="train", choices=["train", "validation", "test"])
     s.add_argument("--n", type=int, default=3)
+    s.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail at the first malformed record (default: skip and report it)",
+    )
     e = sub.add_parser("evaluate", help="evaluate a version directory")
     e.add_argument("version_dir")
     e.add_argument("--full", action="store_true", help="the larger EvalConfig.full() preset")
@@ -95,12 +100,15 @@ def _run(args) -> int:
     elif args.cmd == "shard":
         from .data import resolve_shard
 
-        shard = resolve_shard(args.spec, args.data, split=args.split, cache_dir=cache)
+        on_error = "raise" if args.strict else "skip"
+        shard = resolve_shard(args.spec, args.data, split=args.split, cache_dir=cache, on_error=on_error)
         print(f"# {shard.kind}: {shard.description}")
         for k, rec in enumerate(shard):
             if k == args.n:
                 break
             print(json.dumps(rec))
+        for error in shard.report.errors:
+            print(f"# skipped {error}", file=sys.stderr)
     elif args.cmd == "evaluate":
         from .evaluate import EvalConfig, evaluate_version, format_table
 

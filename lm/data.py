@@ -27,6 +27,7 @@ Shard specs (docs/INTERFACES.md) are resolved by :func:`resolve_shard`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -336,6 +337,17 @@ def parse_slice(text: str) -> tuple[int, int]:
     return i, n
 
 
+#: a local record's split by ``sha256(inputs, targets) % 20``: 5% validation, 5% test, 90% train
+LOCAL_SPLIT_BUCKETS = {"validation": range(0, 1), "test": range(1, 2), "train": range(2, 20)}
+
+
+def local_split(record: dict) -> str:
+    """The split of a record of the user's own instruction data: stable across machines and file order."""
+    key = json.dumps([record["inputs"], record["targets"]], ensure_ascii=False).encode()
+    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % 20
+    return next(name for name, buckets in LOCAL_SPLIT_BUCKETS.items() if bucket in buckets)
+
+
 def _every_nth(items: Iterable, i: int, n: int) -> Iterator:
     for k, x in enumerate(items):
         if k % n == i:
@@ -392,12 +404,14 @@ def resolve_shard(
     * ``default:task=<name>[,<name>...]``: named default tasks (held-out ones only with
       ``allow_heldout=True``: they must never be in a training shard);
     * ``local`` / ``local:<i>-of-<n>``: the instruction files under ``data_dir``, all or every
-      n-th record starting at i (records counted over the sorted files);
+      n-th record starting at i (records counted over the sorted files) of the split: a record's
+      split follows from a hash of its text (:func:`local_split`), so it is the same on every machine
+      and never moves when files grow;
     * ``corpus:<i>-of-<n>``: every n-th document of the pretraining corpus: the files under
       ``data_dir`` if it holds any, else the default corpus.
 
-    ``split`` picks the default tasks' split (train/validation/test). Records stream; nothing
-    is read until the shard is iterated."""
+    ``split`` picks the split (train/validation/test). Records stream; nothing is read until the
+    shard is iterated."""
     from .tasks import HELDOUT_TASKS, TASKS, load_task_split
 
     head, _, rest = spec.partition(":")
@@ -432,9 +446,12 @@ def resolve_shard(
         if not files:
             raise ValueError(f"shard {spec!r}: no instruction files (.jsonl/.parquet) under {data_dir}")
 
+        if split not in LOCAL_SPLIT_BUCKETS:
+            raise ValueError(f"shard {spec!r}: unknown split {split!r}; one of {sorted(LOCAL_SPLIT_BUCKETS)}")
+
         def factory(report: LoadReport) -> Iterator:
             recs = (r for f in files for r in iter_instruction_file(f, on_error, report))
-            yield from _every_nth(recs, i, n)
+            yield from _every_nth((r for r in recs if local_split(r) == split), i, n)
 
         return Shard(
             spec, "instructions", f"{len(files)} local file(s) under {data_dir}, slice {i} of {n}", factory

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "text (.txt, .jsonl, .parquet); default: the embedded default tasks and corpus",
     )
     p.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="fail an assignment at the first malformed record in --data (default: skip it, logging its "
+        "file and line)",
+    )
+    p.add_argument(
         "--work-dir",
         type=Path,
         default=DEFAULT_WORK_DIR,
@@ -134,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         exit_when_idle_s=args.exit_when_idle,
         swarm_host_maddrs=args.swarm_listen,
         swarm_announce_maddrs=args.swarm_announce,
+        strict_data=args.strict_data,
     )
     try:
         worker = Worker(config)

@@ -82,6 +82,8 @@ class WorkerConfig:
     """Multiaddrs this worker's hivemind peer listens on in pretrain rounds."""
     swarm_announce_maddrs: list[str] = field(default_factory=list)
     """Multiaddrs other peers should dial (a public address behind NAT)."""
+    strict_data: bool = False
+    """Fail an assignment at the first malformed record of ``data_dir`` instead of skipping it."""
 
 
 class Worker:
@@ -250,6 +252,7 @@ class Worker:
                 dht_initial_peers=list(self.session.dht_initial_peers) if self.session else [],
                 swarm_host_maddrs=list(self.config.swarm_host_maddrs),
                 swarm_announce_maddrs=list(self.config.swarm_announce_maddrs),
+                on_bad_record="raise" if self.config.strict_data else "skip",
             )
             result = self._run_job(kind, ctx)
             if result.payload is not None:

@@ -71,10 +71,9 @@ def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
     hp = hyperparameters_for(task)
     codecs.get_codec(hp.codec)  # an unknown codec fails before any training
     tokenizer = load_tokenizer(ctx.version_dir)
-    train_shard = resolve_shard(task.shard, ctx.data_dir, split="train")
-    val_records = list(
-        itertools.islice(resolve_shard(task.shard, ctx.data_dir, split="validation"), hp.eval_examples)
-    )
+    train_shard = resolve_shard(task.shard, ctx.data_dir, split="train", on_error=ctx.on_bad_record)
+    val_shard = resolve_shard(task.shard, ctx.data_dir, split="validation", on_error=ctx.on_bad_record)
+    val_records = list(itertools.islice(val_shard, hp.eval_examples))
     log.info("fusion shard %s: %s; %s", task.shard, train_shard.description, hp)
     s2s = Seq2SeqConfig(max_input_length=hp.max_input_length, max_target_length=hp.max_target_length)
 

@@ -33,6 +33,9 @@ class JobContext:
     """Where this worker's hivemind peer listens (empty: hivemind's default, all interfaces)."""
     swarm_announce_maddrs: list[str] = field(default_factory=list)
     """Addresses other peers should dial (a public address behind NAT)."""
+    on_bad_record: str = "skip"
+    """A malformed record in ``data_dir``: "skip" it (logged with its file and line) or "raise" (the
+    assignment fails, naming it)."""
 
     def check_cancel(self) -> None:
         if self.cancel.is_set():

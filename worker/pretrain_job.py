@@ -74,7 +74,7 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
 
     tokenizer = load_tokenizer(ctx.version_dir)
     model = load_seq2seq(ctx.version_dir, ctx.device)
-    shard = resolve_shard(task.corpus_shard or "corpus:0-of-1", ctx.data_dir)
+    shard = resolve_shard(task.corpus_shard or "corpus:0-of-1", ctx.data_dir, on_error=ctx.on_bad_record)
     mod = MoDConfig(inputs_length=data.inputs_length, seed=data.seed)
     # Loop over the shard for as long as the swarm trains; each pass draws fresh masks.
     batches = (b for epoch in itertools.count() for b in mod_batches(shard, tokenizer, data.batch_size, mod))

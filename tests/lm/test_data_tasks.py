@@ -115,13 +115,25 @@ def test_parquet_instructions(tmp_path):
 def test_local_and_corpus_shards(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    _write_jsonl(data / "flan.jsonl", [{"inputs": f"q{i}", "targets": f"a{i}"} for i in range(10)])
+    _write_jsonl(data / "flan.jsonl", [{"inputs": f"q{i}", "targets": f"a{i}"} for i in range(400)])
     _write_jsonl(data / "text.jsonl", [{"text": f"doc {i}"} for i in range(6)])
     (data / "notes.txt").write_text("t0\n\nt1\n")
-    whole = [r["inputs"] for r in resolve_shard("local", data)]
-    assert whole == [f"q{i}" for i in range(10)]
+    splits = {
+        s: [r["inputs"] for r in resolve_shard("local", data, split=s)]
+        for s in ("train", "validation", "test")
+    }
+    # Every record in exactly one split, in file order; validation and test ~5% each, never empty here.
+    assert sorted(sum(splits.values(), []), key=lambda q: int(q[1:])) == [f"q{i}" for i in range(400)]
+    assert all(5 <= len(splits[s]) <= 40 for s in ("validation", "test"))
+    whole = splits["train"]
     parts = [[r["inputs"] for r in resolve_shard(f"local:{i}-of-3", data)] for i in range(3)]
-    assert sorted(sum(parts, [])) == sorted(whole) and parts[1] == ["q1", "q4", "q7"]
+    assert sorted(sum(parts, [])) == sorted(whole) and parts[1] == whole[1::3]
+    # The split is a property of the record: another file order or more data does not move it.
+    _write_jsonl(data / "a-more.jsonl", [{"inputs": f"z{i}", "targets": "b"} for i in range(50)])
+    grown = [r["inputs"] for r in resolve_shard("local", data, split="validation")]
+    assert [q for q in grown if q.startswith("q")] == splits["validation"]
+    with pytest.raises(ValueError, match="unknown split"):
+        resolve_shard("local", data, split="dev")
     docs = [list(resolve_shard(f"corpus:{i}-of-2", data)) for i in range(2)]
     assert sorted(docs[0] + docs[1]) == sorted(["t0", "t1"] + [f"doc {i}" for i in range(6)])
     default = resolve_shard("corpus:0-of-1000")

@@ -48,6 +48,19 @@ def test_cli_smoke(tmp_path, lm_cache, capsys, version_dir):
     assert main([*base, "build-default", "--out", str(version_dir)]) == 1  # exists
 
 
+def test_cli_shard_reports_or_refuses_malformed_records(tmp_path, lm_cache, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    good = [json.dumps({"instruction": f"say {i}", "input": "", "output": f"{i}"}) for i in range(40)]
+    (data / "mine.jsonl").write_text("\n".join([*good[:3], "{not json", *good[3:]]) + "\n")
+    base = ["--cache-dir", str(lm_cache), "shard", "local", "--data", str(data), "--n", "100"]
+    assert main(base) == 0
+    captured = capsys.readouterr()
+    assert "mine.jsonl:4" in captured.err and len(captured.out.strip().splitlines()) > 30
+    assert main([*base, "--strict"]) == 1
+    assert "mine.jsonl:4" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_cli_console_script_builds_version(tmp_path, lm_cache):
     out = tmp_path / "v0"

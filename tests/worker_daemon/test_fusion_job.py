@@ -58,6 +58,19 @@ def test_fusion_job_produces_a_valid_contribution(version0, tmp_path, method, fo
     assert [p.name for p in ctx.scratch_dir.iterdir()] == [result.payload.name], "only the payload is left"
 
 
+def test_strict_data_fails_on_a_malformed_record_before_training(version0, tmp_path):
+    from coldswarm.lm.data import DataError
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mine.jsonl").write_text('{"inputs": "q", "targets": "a"}\n{"inputs": "no target"}\n')
+    task = pb.FusionTask(shard="local:0-of-1", hyperparameters_json=json.dumps(QUICK), codec="zstd")
+    ctx = context(version0, tmp_path, task)
+    ctx.data_dir, ctx.on_bad_record = data, "raise"
+    with pytest.raises(DataError, match="mine.jsonl:2"):
+        run_fusion_job(ctx, task)
+
+
 def test_cancel_stops_before_anything_is_packaged(version0, tmp_path):
     task = pb.FusionTask(shard="default:1-of-2", hyperparameters_json=json.dumps(QUICK), codec="zstd")
     cancel = threading.Event()
