@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import psutil
 import torch
 
 from coldswarm.proto import coldswarm_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 
 def resolve_device(requested: str) -> str:
@@ -24,6 +28,34 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return requested
+
+
+def measure_bandwidth(client, max_bytes: int = 8 * 2**20, max_seconds: float = 3.0) -> float:
+    """Bytes/s from the coordinator to this worker: a timed read of the start of the latest version's
+    largest file, stopped after ``max_bytes`` or ``max_seconds``. 0.0 when it cannot be measured (the
+    coordinator has no version yet, the file is tiny, or the read failed): nothing depends on it."""
+    import grpc
+
+    try:
+        info: pb.Version = client.call("GetVersion", pb.GetVersionRequest(version="latest"), retry=False)
+        if not info.files:
+            return 0.0
+        largest = max(info.files, key=lambda f: f.size)
+        request = pb.DownloadRequest(version=str(info.number), path=largest.path)
+        received, started = 0, time.monotonic()
+        stream = client.stream("DownloadVersion", request, timeout=max_seconds + 5)
+        try:
+            for chunk in stream:
+                received += len(chunk.data)
+                if received >= max_bytes or time.monotonic() - started > max_seconds:
+                    break
+        finally:
+            stream.cancel()
+        elapsed = time.monotonic() - started
+    except grpc.RpcError as exc:
+        log.debug("bandwidth probe failed: %s", exc)
+        return 0.0
+    return received / elapsed if received >= 2**20 and elapsed > 0 else 0.0
 
 
 def detect_capabilities(device: str, work_dir: Path, bandwidth_bytes_per_s: float = 0.0) -> pb.Capabilities:

@@ -32,11 +32,11 @@ from google.protobuf import json_format
 
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.backoff import Backoff
-from coldswarm.worker.capabilities import detect_capabilities, resolve_device
+from coldswarm.worker.capabilities import detect_capabilities, measure_bandwidth, resolve_device
 from coldswarm.worker.client import CoordinatorClient, Stopped, rpc_message
 from coldswarm.worker.downloads import VersionCache
 from coldswarm.worker.jobs import Cancelled, JobContext, JobResult
-from coldswarm.worker.progress import Progress, byte_bar
+from coldswarm.worker.progress import Progress, byte_bar, interactive
 from coldswarm.worker.session import Session, load_session, save_session, write_private
 from coldswarm.worker.signals import install_stop_handler
 from coldswarm.worker.uploads import upload_contribution
@@ -91,7 +91,7 @@ class Worker:
         self.config = config
         self.stop = stop or threading.Event()
         self.cancel = threading.Event()
-        self.progress = Progress()
+        self.progress = Progress(show_bar=interactive())
         self.device = resolve_device(config.device)
         self.work_dir = Path(config.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -173,14 +173,16 @@ class Worker:
             try:
                 self.client.call("Heartbeat", pb.HeartbeatRequest(phase="idle"))
                 self.session = saved
+                self.progress.update(bandwidth_bytes_per_s=saved.bandwidth_bytes_per_s)
                 log.info("resumed as worker %s", saved.worker_id)
                 return
             except grpc.RpcError as exc:
                 if exc.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                     raise
                 log.info("saved session no longer valid (%s); registering again", rpc_message(exc))
+        measured_before = saved.bandwidth_bytes_per_s if saved is not None else 0.0
         self.client.token = self.config.token
-        caps = detect_capabilities(self.device, self.work_dir)
+        caps = detect_capabilities(self.device, self.work_dir, measured_before)
         name = self.config.name or socket.gethostname()
         reply: pb.RegisterResponse = self.client.call(
             "Register", pb.RegisterRequest(name=name, capabilities=caps)
@@ -192,9 +194,15 @@ class Worker:
             heartbeat_interval_s=reply.heartbeat_interval_s or 5.0,
             dht_initial_peers=list(reply.dht_initial_peers),
         )
-        save_session(self.session_file, self.session)
         self.client.token = reply.session_token
         log.info("registered as worker %s (%s, device %s)", reply.worker_id, name, self.device)
+        # Only a registered worker may download, so the rate goes out with heartbeats (and with the
+        # capabilities of this worker's next registration).
+        self.session.bandwidth_bytes_per_s = measure_bandwidth(self.client) or measured_before
+        self.progress.update(bandwidth_bytes_per_s=self.session.bandwidth_bytes_per_s)
+        if self.session.bandwidth_bytes_per_s:
+            log.info("bandwidth from the coordinator: %.1f MB/s", self.session.bandwidth_bytes_per_s / 1e6)
+        save_session(self.session_file, self.session)
 
     def _heartbeat_loop(self) -> None:
         interval = self.session.heartbeat_interval_s if self.session else 5.0

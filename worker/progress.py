@@ -29,12 +29,37 @@ class Progress:
     loss: float = 0.0
     samples_per_s: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    bandwidth_bytes_per_s: float = 0.0
+    """Measured download rate from the coordinator, sent with every heartbeat once known."""
+    show_bar: bool = False
+    """Draw a tqdm bar while training (the daemon sets it on a terminal)."""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _bar: object = field(default=None, repr=False)
 
     def update(self, **fields) -> None:
         with self.lock:
             for key, value in fields.items():
                 setattr(self, key, value)
+            if self.show_bar:
+                self._draw()
+
+    def _draw(self) -> None:
+        """One bar per training phase: steps (of total_steps when known), loss and samples/s."""
+        if self.phase != "training":
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            total = self.total_steps or None  # a pretrain run's length is the swarm's, not known here
+            self._bar = tqdm(total=total, desc=f"training {self.assignment_id}", unit="step", leave=False)
+        self._bar.n = self.step
+        self._bar.set_postfix(
+            loss=f"{self.loss:.3f}", samples_per_s=f"{self.samples_per_s:.1f}", refresh=False
+        )
+        self._bar.refresh()
 
     def heartbeat(self) -> pb.HeartbeatRequest:
         with self.lock:
@@ -45,7 +70,12 @@ class Progress:
                 total_steps=self.total_steps,
                 loss=self.loss,
                 samples_per_s=self.samples_per_s,
-                metrics={k: float(v) for k, v in self.metrics.items()},
+                metrics={k: float(v) for k, v in self.metrics.items()}
+                | (
+                    {"bandwidth_bytes_per_s": self.bandwidth_bytes_per_s}
+                    if self.bandwidth_bytes_per_s
+                    else {}
+                ),
             )
 
 

@@ -16,6 +16,8 @@ class Session:
     session_token: str
     heartbeat_interval_s: float
     dht_initial_peers: list[str]
+    bandwidth_bytes_per_s: float = 0.0
+    """Measured after registering; sent with the next registration's capabilities."""
 
 
 def write_private(path: Path, text: str) -> None:

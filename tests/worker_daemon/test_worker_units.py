@@ -75,3 +75,24 @@ def test_progress_heartbeat_snapshot():
     hb = p.heartbeat()
     assert isinstance(hb, pb.HeartbeatRequest)
     assert (hb.assignment_id, hb.step, hb.total_steps, hb.metrics["x"]) == ("a", 3, 10, 2.0)
+
+
+def test_training_bar_follows_the_training_phase(capsys):
+    p = Progress(show_bar=True, assignment_id="a-1")
+    p.update(phase="training", step=0, total_steps=5)
+    for step in range(1, 6):
+        p.update(step=step, loss=1.0 / step, samples_per_s=3.0)
+    p.update(phase="statistics")
+    assert p._bar is None, "the bar closes when training ends"
+    drawn = capsys.readouterr().err
+    assert "training a-1" in drawn and "5/5" in drawn and "loss=0.200" in drawn
+    quiet = Progress(assignment_id="a-2")  # not on a terminal: no bar at all
+    quiet.update(phase="training", step=1, total_steps=5)
+    assert quiet._bar is None and capsys.readouterr().err == ""
+
+
+def test_heartbeat_carries_the_measured_bandwidth_once_known():
+    p = Progress()
+    assert "bandwidth_bytes_per_s" not in p.heartbeat().metrics
+    p.update(bandwidth_bytes_per_s=12.5e6, metrics={"epoch": 1.0})
+    assert dict(p.heartbeat().metrics) == {"epoch": 1.0, "bandwidth_bytes_per_s": 12.5e6}

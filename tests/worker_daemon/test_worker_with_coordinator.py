@@ -107,6 +107,13 @@ def test_interrupted_download_resumes_from_the_bytes_on_disk(in_process, tmp_pat
     assert sum(received) == sum(e.size for e in info.files)
 
 
+def test_bandwidth_is_measured_from_a_real_download(in_process):
+    from coldswarm.worker.capabilities import measure_bandwidth
+
+    rate = measure_bandwidth(in_process, max_bytes=4 * 2**20)
+    assert rate > 1e6, "4 MiB over loopback take well under 4 s"
+
+
 class CoordinatorProcess:
     """``coldswarm-coordinator serve`` as a child process that a test can kill and restart."""
 
