@@ -82,11 +82,15 @@ class SwarmHook:
             out = work / "model"
             log.info("round %d: collecting run %s once it reaches epoch %d", rnd.id, rnd.run_id, epochs)
             self._wait_for_epoch(rnd, epochs)
+            reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
+            if reached == 0 and app.rounds.get(rnd.id).state != "open":
+                raise RuntimeError("the round ended before the swarm took its first optimizer step")
+            # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
             metrics = self.ckpt.collect(
                 rnd.run_id,
                 app.versions.directory(rnd.base_version),
                 out,
-                min_epoch=epochs,
+                min_epoch=min(epochs, max(reached, 1)),
                 timeout=float(rnd.options.get("collect_timeout_s", 120.0)),
             )
             if app.rounds.evaluator is not None:

@@ -257,6 +257,7 @@ class Worker:
                 device=self.device,
                 progress=self.progress,
                 cancel=self.cancel,
+                stopping=self.stop,
                 dht_initial_peers=list(self.session.dht_initial_peers) if self.session else [],
                 swarm_host_maddrs=list(self.config.swarm_host_maddrs),
                 swarm_announce_maddrs=list(self.config.swarm_announce_maddrs),

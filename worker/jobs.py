@@ -27,6 +27,9 @@ class JobContext:
     progress: Progress
     cancel: threading.Event
     """Set when the worker must stop: check it at every step boundary and raise :class:`Cancelled`."""
+    stopping: threading.Event = field(default_factory=threading.Event)
+    """Set (with ``cancel``) only when the volunteer stops the worker; ``cancel`` alone means the coordinator
+    ended the assignment (its round closed), after which a pretrain job still serves the swarm's state."""
     dht_initial_peers: list[str] = field(default_factory=list)
     """The coordinator's DHT peers (from registration), when a pretrain task names none."""
     swarm_host_maddrs: list[str] = field(default_factory=list)

@@ -106,10 +106,13 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
         stop_watch = threading.Thread(target=lambda: (ctx.cancel.wait(), trainer.stop()), daemon=True)
         stop_watch.start()
         result = trainer.train(batches)
-        if result.reason == "stopped":
+        if result.reason == "stopped" and (ctx.stopping.is_set() or result.epoch == 0):
             raise Cancelled(f"stopped at local step {result.steps} (epoch {result.epoch})")
+        if result.reason == "stopped":
+            # The coordinator closed the round early (admin or deadline): what the swarm has is its result.
+            log.info("round closed at epoch %d: serving the swarm's state to the checkpointer", result.epoch)
         ctx.progress.update(phase="serving_state")
-        collected = trainer.serve_state(timeout=data.serve_state_timeout_s)
+        collected = trainer.serve_state(timeout=data.serve_state_timeout_s, until=ctx.stopping)
         if not collected and not ctx.cancel.is_set():
             log.warning(
                 "the checkpointer did not collect run %s within %.0fs",

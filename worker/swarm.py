@@ -592,19 +592,20 @@ class SwarmTrainer:
         if self.optimizer is not None:
             self.optimizer.state_averager.step(wait_for_delayed_updates=True)
 
-    def serve_state(self, timeout: float, poll: float = 1.0) -> bool:
+    def serve_state(self, timeout: float, poll: float = 1.0, until: threading.Event | None = None) -> bool:
         """Stay in the swarm so others (the coordinator's checkpointer, late joiners) can download our state,
         until the checkpointer announces it collected this round (returns True) or ``timeout`` passes (False)
-        or :meth:`stop` is called."""
+        or ``until`` is set (default: :meth:`stop` was called; pass another event to serve after a stop)."""
         from hivemind.utils import ValueWithExpiration
 
         self._require_started()
+        until = self._stop if until is None else until
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self._stop.is_set():
+        while time.monotonic() < deadline and not until.is_set():
             found = self.dht.get(collected_key(self.config.run_id), latest=True)
             if isinstance(found, ValueWithExpiration) and found.value is not None:
                 return True
-            self._stop.wait(poll)
+            until.wait(poll)
         return False
 
     # -- metrics on the DHT -------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -68,6 +69,65 @@ def test_local_cluster_pretrain_and_fusion_rounds_then_download(tmp_path, proces
         cluster.stop()
     left = [p for p in psutil.Process().children(recursive=True) if p.pid not in before and p.is_running()]
     assert not [p for p in left if p.name() != "torch_shm_manager"], f"processes left behind: {left}"
+
+
+def test_pretrain_round_closed_early_records_the_epoch_the_swarm_reached(tmp_path, processes):
+    """An admin (or a deadline) ending a pretrain round before its epochs: the workers stop training but keep
+    serving, and the checkpointer records the swarm's state at the epoch it reached."""
+    from coldswarm.proto import coldswarm_pb2 as pb
+
+    config = LocalClusterConfig(
+        workers=2,
+        run_dir=tmp_path / "run",
+        pretrain_epochs=1000,  # far more than the test waits for
+        target_batch_size=8,
+        evaluator="coldswarm.lm.evaluate:evaluate_smoke",
+        round_timeout_s=600,
+    )
+    cluster = LocalCluster(config)
+    try:
+        cluster.start()
+        request = pb.OpenRoundRequest(
+            kind="pretrain", quorum=2, deadline_s=600, options_json=json.dumps(config.pretrain_options())
+        )
+        opened = cluster.admin.OpenRound(request, metadata=cluster.metadata)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and _swarm_epoch(cluster) < 2:
+            time.sleep(1)
+        assert _swarm_epoch(cluster) >= 2, "the swarm took no optimizer steps in 300 s"
+        cluster.admin.CloseRound(pb.CloseRoundRequest(round_id=opened.id), metadata=cluster.metadata)
+        while time.monotonic() < deadline:
+            current = _round(cluster, opened.id)
+            if current.state in ("published", "failed"):
+                break
+            time.sleep(1)
+        assert current.state == "published", current.error
+        version = cluster.version(str(current.result_version))
+        epoch = json.loads(version.manifest_json)["metrics"]["epoch"]
+        assert 1 <= epoch < 1000
+    finally:
+        cluster.stop()
+
+
+def _workers(cluster):
+    from coldswarm.proto import coldswarm_pb2 as pb
+
+    return cluster.admin.ListWorkers(pb.ListWorkersRequest(), metadata=cluster.metadata).workers
+
+
+def _swarm_epoch(cluster) -> int:
+    """The highest swarm epoch any worker's last heartbeat reported."""
+    epochs = [
+        json.loads(w.progress_json or "{}").get("metrics", {}).get("epoch", 0) for w in _workers(cluster)
+    ]
+    return int(max(epochs, default=0))
+
+
+def _round(cluster, round_id):
+    from coldswarm.proto import coldswarm_pb2 as pb
+
+    rounds = cluster.admin.ListRounds(pb.ListRoundsRequest(), metadata=cluster.metadata).rounds
+    return next(r for r in rounds if r.id == round_id)
 
 
 # What a user does with a downloaded version: plain transformers, nothing from coldswarm.
