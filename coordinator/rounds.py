@@ -248,6 +248,8 @@ class RoundManager:
             raise InvalidArgument(
                 f"merge method {method!r} is not available; choose one of {merge_bridge.available_methods()}"
             )
+        if kind == "fusion":
+            check_fusion_options(options, method)
         if kind == "pretrain":
             method = "pretrain"
             if not self.dht_peers():
@@ -412,13 +414,7 @@ class RoundManager:
         opts = rnd.options
         n = max(rnd.quorum, 1)
         if rnd.kind == "fusion":
-            task = {
-                "shard": f"{opts.get('shard_prefix', 'default')}:{index}-of-{n}",
-                "peft_method": opts.get("peft_method", "lora"),
-                "hyperparameters_json": json.dumps(opts.get("hyperparameters", {}), sort_keys=True),
-                "statistics": list(opts.get("statistics", STATISTICS_FOR.get(rnd.method, []))),
-                "codec": opts.get("codec", ""),  # empty: the worker's default (FusionHyperparameters.codec)
-            }
+            task = fusion_task(opts, rnd.method, index, n)
         else:
             task = {
                 "run_id": rnd.run_id,
@@ -732,3 +728,30 @@ def _jsonable(value):
         return value
     except TypeError:
         return json.loads(json.dumps(value, default=str))
+
+
+def fusion_task(options: dict, method: str, index: int, n: int) -> dict:
+    """The ``FusionTask`` fields of shard ``index`` of ``n`` in a fusion round with these options."""
+    return {
+        "shard": f"{options.get('shard_prefix', 'default')}:{index}-of-{n}",
+        "peft_method": options.get("peft_method", "lora"),
+        "hyperparameters_json": json.dumps(options.get("hyperparameters", {}), sort_keys=True),
+        "statistics": list(options.get("statistics", STATISTICS_FOR.get(method, []))),
+        "codec": options.get("codec", ""),  # empty: the worker's default (FusionHyperparameters.codec)
+    }
+
+
+def check_fusion_options(options: dict, method: str) -> None:
+    """Refuse at OpenRound what every worker would refuse (a typo, an impossible combination), rather than
+    let each of them fail its assignment until the deadline. Workers read the options the same way."""
+    from coldswarm.fusion.codecs import CODECS
+    from coldswarm.proto import coldswarm_pb2 as pb
+    from coldswarm.worker.fusion_job import hyperparameters_for
+
+    try:
+        task = pb.FusionTask(**fusion_task(options, method, 0, 1))
+        hp = hyperparameters_for(task)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"fusion round options: {exc}") from None
+    if hp.codec not in CODECS:
+        raise InvalidArgument(f"fusion round options: unknown codec {hp.codec!r}; one of {sorted(CODECS)}")

@@ -80,6 +80,15 @@ class FusionHyperparameters:
         unknown_stats = sorted(set(hp.statistics) - {"fisher", "regmean"})
         if unknown_stats:
             raise ValueError(f"unknown statistics {unknown_stats}: the worker collects fisher and regmean")
+        if hp.load_in_4bit and hp.peft_method == "full":
+            raise ValueError(
+                "4-bit weights cannot be finetuned directly: use peft_method lora (QLoRA) or ia3"
+            )
+        if hp.load_in_4bit and "fisher" in hp.statistics:
+            raise ValueError(
+                "a diagonal Fisher needs floating-point merged weights, which a 4-bit base (load_in_4bit) "
+                "does not have: merge QLoRA rounds with regmean, average, task_arithmetic or ties"
+            )
         if not hp.lr:
             hp.lr = {"lora": 1e-3, "ia3": 5e-3, "full": 3e-4}[hp.peft_method]
         return hp

@@ -7,6 +7,7 @@ and no row (contributions, uploads, versions, rounds) or blob/partial file is le
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import grpc
@@ -378,6 +379,15 @@ def test_bad_round_requests(harness):
         C.INVALID_ARGUMENT,
         "alchemy",
     )
+    # Options every worker would refuse are refused here, before any worker trains.
+    for method, options, says in (
+        ("average", {"hyperparameters": {"stepz": 10}}, "unknown fusion hyperparameter"),
+        ("average", {"peft_method": "prompt"}, "peft_method must be"),
+        ("average", {"codec": "rar"}, "unknown codec"),
+        ("fisher", {"hyperparameters": {"load_in_4bit": True}}, "Fisher needs floating-point"),
+    ):
+        request = pb.OpenRoundRequest(kind="fusion", method=method, options_json=json.dumps(options))
+        refused(lambda r=request: a.OpenRound(r, metadata=amd), C.INVALID_ARGUMENT, says)
     a.OpenRound(pb.OpenRoundRequest(kind="fusion"), metadata=amd)
     refused(
         lambda: a.OpenRound(pb.OpenRoundRequest(kind="fusion"), metadata=amd),
