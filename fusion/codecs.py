@@ -33,6 +33,7 @@ stays responsive; raise the level for archival.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable
@@ -64,10 +65,11 @@ def _compress(data: bytes | memoryview, level: int = ZSTD_LEVEL) -> bytes:
 
 
 def _decompress_bounded(data: bytes | memoryview, limit: int, what: str) -> bytes:
-    """All of a zstd stream, refusing to produce more than ``limit`` bytes.
+    """All of a zstd stream, refusing to produce more than ``limit`` bytes (what its frame declared).
 
     A zstd frame may declare any content size, and one-shot decompression would allocate it; reading
-    the stream in blocks bounds the memory by what is actually produced, and stops past ``limit``."""
+    the stream in blocks bounds the memory by what is actually produced, and stops past ``limit``. A
+    stream longer than its coldswarm frame declared is damaged or forged: :class:`CodecError`."""
     z = _zstd()
     parts, total = [], 0
     try:
@@ -78,7 +80,9 @@ def _decompress_bounded(data: bytes | memoryview, limit: int, what: str) -> byte
                 break
             total += len(block)
             if total > limit:
-                raise DecodedTooLarge(f"{what}: expands past {limit} bytes; refusing to decode it further")
+                raise CodecError(
+                    f"{what}: expands past the {limit} bytes its frame declares; the data is damaged or forged"
+                )
             parts.append(block)
     except z.ZstdError as e:
         raise CodecError(
@@ -356,18 +360,28 @@ def int8_blockwise_decode(data: bytes, max_output: int | None = None) -> bytes:
             pos += 8 + k
             return b
 
+        # Declared shapes decide what dequantising allocates: they must fit the declared original length.
+        declared = sum(math.prod(e["shape"]) * DTYPES[e["dtype"]].itemsize for e in head["tensors"])
+        if declared > orig:
+            raise CodecError(
+                f"int8_blockwise: tensors declare {declared} bytes, more than the frame's {orig}"
+            )
         code = create_dynamic_map()
         out: dict[str, torch.Tensor] = {}
         for e in head["tensors"]:
             dt, shape = DTYPES[e["dtype"]], tuple(e["shape"])
             if e["q"]:
                 codes = _from_bytes(blob()).view(torch.uint8)
+                if codes.numel() != math.prod(shape):
+                    raise CodecError(
+                        f"int8_blockwise: {e['name']} has {codes.numel()} codes for shape {shape}"
+                    )
                 absmax = _from_bytes(blob()).view(torch.float32)
                 state = QuantState(absmax=absmax, code=code, blocksize=head["blocksize"], dtype=torch.float32)
                 out[e["name"]] = dequantize_blockwise(codes, state).reshape(shape).to(dt)
             else:
                 out[e["name"]] = _from_bytes(blob()).view(dt).reshape(shape)
-    except DecodedTooLarge:
+    except CodecError:
         raise
     except (z.ZstdError, struct.error, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise CodecError(f"int8_blockwise: damaged data ({e}); download it again") from e

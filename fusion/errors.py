@@ -42,5 +42,6 @@ class CodecError(FusionError, ValueError):
 
 
 class DecodedTooLarge(CodecError):
-    """Encoded data declares or expands to more bytes than the caller allows (a decompression bomb, or a
-    contribution larger than the receiver accepts). Raised before the output is allocated."""
+    """Encoded data declares more bytes than the caller allows (``max_output``): a contribution larger than
+    the receiver accepts. Checked against the frame's declared length before decoding starts; a stream
+    that expands past what its frame declares is a plain :class:`CodecError` (damaged or forged)."""

@@ -27,7 +27,6 @@ Shard specs (docs/INTERFACES.md) are resolved by :func:`resolve_shard`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -337,15 +336,15 @@ def parse_slice(text: str) -> tuple[int, int]:
     return i, n
 
 
-#: a local record's split by ``sha256(inputs, targets) % 20``: 5% validation, 5% test, 90% train
-LOCAL_SPLIT_BUCKETS = {"validation": range(0, 1), "test": range(1, 2), "train": range(2, 20)}
+LOCAL_SPLITS = ("train", "validation", "test")
 
 
 def local_split(record: dict) -> str:
-    """The split of a record of the user's own instruction data: stable across machines and file order."""
-    key = json.dumps([record["inputs"], record["targets"]], ensure_ascii=False).encode()
-    bucket = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") % 20
-    return next(name for name, buckets in LOCAL_SPLIT_BUCKETS.items() if bucket in buckets)
+    """The split of a record of the user's own instruction data, by a hash of its text (as the default tasks
+    are split: 80% train, 10% validation, 10% test): stable across machines, file order and growth."""
+    from .tasks import hash_split
+
+    return hash_split(["local", record["inputs"], record["targets"]])
 
 
 def _every_nth(items: Iterable, i: int, n: int) -> Iterator:
@@ -446,8 +445,8 @@ def resolve_shard(
         if not files:
             raise ValueError(f"shard {spec!r}: no instruction files (.jsonl/.parquet) under {data_dir}")
 
-        if split not in LOCAL_SPLIT_BUCKETS:
-            raise ValueError(f"shard {spec!r}: unknown split {split!r}; one of {sorted(LOCAL_SPLIT_BUCKETS)}")
+        if split not in LOCAL_SPLITS:
+            raise ValueError(f"shard {spec!r}: unknown split {split!r}; one of {list(LOCAL_SPLITS)}")
 
         def factory(report: LoadReport) -> Iterator:
             recs = (r for f in files for r in iter_instruction_file(f, on_error, report))

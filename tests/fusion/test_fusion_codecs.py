@@ -125,11 +125,49 @@ def test_forged_frames_cannot_expand_past_what_they_declare():
     assert len(bomb) < 2**16
     one_section = struct.pack("<BI", 1, 1) + struct.pack("<Q", len(bomb)) + bomb
     for name, body in (("zstd", bomb), ("int8_blockwise", bomb), ("bytegroup", one_section)):
-        forged = _frame(name, 1000, body)  # declares 1,000 bytes, expands to 64 MiB
-        with pytest.raises(DecodedTooLarge, match="expands past"):
+        forged = _frame(name, 1000, body)  # declares 1,000 bytes, expands to 64 MiB: damaged or forged
+        with pytest.raises(CodecError, match="expands past the .* bytes its frame declares") as info:
             CODECS[name].decode(forged, max_output=10**6)
+        assert not isinstance(info.value, DecodedTooLarge)
         with pytest.raises(DecodedTooLarge, match="more than the"):
             CODECS[name].decode(_frame(name, 2**40, body), max_output=10**6)  # declares 1 TiB
+
+
+def test_int8_index_cannot_declare_more_than_the_frame():
+    import json
+    import struct
+
+    from coldswarm.fusion.codecs import _compress, _frame
+
+    head = json.dumps(
+        {
+            "metadata": {},
+            "blocksize": 4096,
+            "tensors": [{"name": "delta/a", "dtype": "F64", "shape": [2**28], "q": True}],
+        }
+    ).encode()
+    codes = bytes(16)  # a 2 GiB F64 tensor declared in a frame of 1 MiB: refused before dequantising
+    raw = struct.pack("<Q", len(head)) + head + struct.pack("<Q", len(codes)) + codes
+    forged = _frame("int8_blockwise", 2**20, _compress(raw))
+    with pytest.raises(CodecError, match="tensors declare 2147483648 bytes, more than the frame's 1048576"):
+        CODECS["int8_blockwise"].decode(forged, max_output=2**30)
+    small = json.dumps(
+        {
+            "metadata": {},
+            "blocksize": 4096,
+            "tensors": [{"name": "delta/a", "dtype": "F32", "shape": [8], "q": True}],
+        }
+    ).encode()
+    raw = (
+        struct.pack("<Q", len(small))
+        + small
+        + struct.pack("<Q", 4)
+        + bytes(4)
+        + struct.pack("<Q", 4)
+        + bytes(4)
+    )
+    with pytest.raises(CodecError, match="4 codes for shape"):
+        CODECS["int8_blockwise"].decode(_frame("int8_blockwise", 2**20, _compress(raw)), max_output=2**30)
 
 
 def test_files_and_codec_wrapped_contributions_open_transparently(tmp_path):
