@@ -3,24 +3,29 @@
 Every DHT request carries an ``MPFuture`` whose reply pipe is a pickled ``Connection``. Unpickling it in the
 DHT process fetches the file descriptor from the *requesting* process's ``multiprocessing`` resource sharer.
 When that process has already exited (an averager shut down, or SIGKILLed, right after it asked), the fetch
-fails inside ``Connection.recv()``: with ``OSError`` (which hivemind 1.1.12 logs, then sleeps) or, when the
-requester exits mid-handshake, with ``EOFError``, which ends hivemind's DHT process: every later request then waits forever, and a coordinator's DHT peer stops
-bootstrapping the swarm. Seen in about one run in three of an averager started and shut down at once.
+fails inside ``Connection.recv()``: with ``OSError`` (which hivemind 1.1.12 logs with a traceback, then
+sleeps for ``wait_timeout`` before reading the next request) or, when the requester exits mid-handshake,
+with ``EOFError``, which ends hivemind's DHT process: every later request then waits forever, and a
+coordinator's DHT peer stops bootstrapping the swarm. Seen in about one run in three of an averager started
+and shut down at once.
 
-:class:`ResilientDHT` drops such a request (its requester is gone; nobody waits for the reply) and carries
-on, while an end of the pipe itself (the owner of the DHT died) still ends the process as before.
+:class:`ResilientDHT` turns such a request into a no-op (its requester is gone; nobody waits for the reply),
+logged as a warning, and reads the next one at once; an end of the pipe itself (the owner of the DHT died)
+still ends the process as before.
 """
 
 from __future__ import annotations
 
+import logging
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 from hivemind import DHT
 
+log = logging.getLogger(__name__)
 
-class RequesterGone(ConnectionError):
-    """A request arrived, but the process that sent it exited before its reply pipe could be opened."""
+#: the request a dropped one becomes: ``ResilientDHT._requester_gone(reason)``
+DROPPED = "_requester_gone"
 
 
 class _RequestPipe:
@@ -34,7 +39,7 @@ class _RequestPipe:
         try:
             return ForkingPickler.loads(buffer)
         except (EOFError, OSError) as exc:  # the file descriptors it carries can no longer be fetched
-            raise RequesterGone(f"dropped a DHT request whose sender has exited: {exc!r}") from exc
+            return DROPPED, [], {"reason": repr(exc)}
 
     def __getattr__(self, name):
         return getattr(self._connection, name)
@@ -44,6 +49,9 @@ class ResilientDHT(DHT):
     """``hivemind.DHT`` whose process drops requests from processes that have exited instead of dying."""
 
     def run(self) -> None:
-        # Runs in the DHT's own process; hivemind's loop catches ConnectionError from recv() and continues.
+        # Runs in the DHT's own process; hivemind's loop calls getattr(self, method)(*args, **kwargs).
         self._inner_pipe = _RequestPipe(self._inner_pipe)
         super().run()
+
+    async def _requester_gone(self, reason: str) -> None:
+        log.warning("dropped a DHT request whose sender has exited (%s)", reason)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coldswarm.worker.dht_process import RequesterGone, _RequestPipe
+from coldswarm.worker.dht_process import DROPPED, ResilientDHT, _RequestPipe
 
 CHURN_PROBE = Path(__file__).with_name("dht_churn_probe.py")
 
@@ -25,11 +25,29 @@ def test_request_from_an_exited_process_is_dropped_not_fatal():
     sender.join(timeout=30)
     assert sender.exitcode == 0
     pipe = _RequestPipe(inner)
-    with pytest.raises(RequesterGone, match="sender has exited"):
-        pipe.recv()
+    method, args, kwargs = pipe.recv()
+    assert (method, args) == (DROPPED, []) and hasattr(ResilientDHT, method)
     # The pipe itself is fine: the next request is read normally.
     outer.send(("_shutdown", [], {}))
     assert pipe.recv() == ("_shutdown", [], {})
+
+
+def _eof_on_load():
+    raise EOFError("the requester went away mid-handshake")
+
+
+class _VanishesOnLoad:
+    """Unpickles as a requester that exits during the fd handshake does: EOFError, which killed hivemind's DHT."""
+
+    def __reduce__(self):
+        return _eof_on_load, ()
+
+
+def test_requester_that_vanishes_mid_handshake_is_dropped_not_fatal():
+    inner, outer = multiprocessing.Pipe(duplex=False)
+    outer.send(("_get", [], {"future": _VanishesOnLoad()}))
+    method, _, kwargs = _RequestPipe(inner).recv()
+    assert method == DROPPED and "mid-handshake" in kwargs["reason"]
 
 
 def test_end_of_the_pipe_still_ends_the_reader():
