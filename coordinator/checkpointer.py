@@ -43,7 +43,7 @@ import torch
 
 from coldswarm.coordinator.blobs import fsync_dir
 from coldswarm.worker.compression import register_safe_codecs
-from coldswarm.worker.swarm import collected_key, metrics_key, start_dht, swarm_parameters
+from coldswarm.worker.swarm import ENDED_UNCOLLECTED, collected_key, metrics_key, start_dht, swarm_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +249,14 @@ class Checkpointer:
         self.dht.store(collected_key(run_id), epoch, expiration_time=get_dht_time() + 3600)
         logger.info("collected run %s at epoch %d into %s: %s", run_id, epoch, out_dir, metrics)
         return metrics
+
+    def announce_end(self, run_id: str) -> None:
+        """Tell the run's peers serving their state that nothing will be collected (the round was cancelled
+        or failed), so they leave now instead of at their serving timeout."""
+        from hivemind.utils import get_dht_time
+
+        self._require_started()
+        self.dht.store(collected_key(run_id), ENDED_UNCOLLECTED, expiration_time=get_dht_time() + 3600)
 
     def _download(self, averager, run_id: str, min_epoch: int, deadline: float):
         # load_state_from_peers asks the peer with the highest declared priority (= its epoch); peers refresh

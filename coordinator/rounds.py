@@ -753,5 +753,5 @@ def check_fusion_options(options: dict, method: str) -> None:
         hp = hyperparameters_for(task)
     except (ValueError, TypeError) as exc:
         raise InvalidArgument(f"fusion round options: {exc}") from None
-    if hp.codec not in CODECS:
+    if not isinstance(hp.codec, str) or hp.codec not in CODECS:
         raise InvalidArgument(f"fusion round options: unknown codec {hp.codec!r}; one of {sorted(CODECS)}")

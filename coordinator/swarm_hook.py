@@ -11,9 +11,14 @@ starts as soon as a pretrain round opens, on a background thread that waits
 (:meth:`Checkpointer.collect` with ``min_epoch``) until a peer serves a state of
 that epoch, evaluates it when an evaluator is configured, records it through
 :meth:`RoundManager.record_version` and closes the round, which publishes it.
-Nothing collected by the round's deadline fails the round with the reason. A
-coordinator killed mid-collection collects again at start: the round is still
-``open`` or ``closing`` and nothing was recorded.
+
+A round closed earlier (``round close`` or its deadline) records the state of
+the epoch the swarm reached: workers stop training and serve it. One closed
+before the swarm's first step, or whose collection fails, fails with the
+reason; a cancelled or failed round tells the peers (``collected_key`` set to
+``ENDED_UNCOLLECTED``) so they leave at once. A coordinator stopped or killed
+mid-collection collects again at start: the round is still ``open`` or
+``closing`` and nothing was recorded.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class SwarmHook:
 
     def watch(self, rnd: RoundRow) -> None:
         """Collect ``rnd``'s state in the background, unless a collection for it is already running."""
+        if rnd.kind == "pretrain" and rnd.state in ("cancelled", "failed"):
+            self._announce_end(rnd)
+            return
         if rnd.kind != "pretrain" or rnd.state not in ("open", "closing") or rnd.result_version is not None:
             return
         with self._lock:
@@ -82,6 +90,10 @@ class SwarmHook:
             out = work / "model"
             log.info("round %d: collecting run %s once it reaches epoch %d", rnd.id, rnd.run_id, epochs)
             self._wait_for_epoch(rnd, epochs)
+            if self._stop.is_set():
+                return  # the coordinator is stopping: the round stays open and is collected at the next start
+            if app.rounds.get(rnd.id).state not in ("open", "closing"):
+                return  # cancelled meanwhile (watch told the peers)
             reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
             if reached == 0 and app.rounds.get(rnd.id).state != "open":
                 raise RuntimeError("the round ended before the swarm took its first optimizer step")
@@ -105,8 +117,17 @@ class SwarmHook:
         except Exception as exc:  # recorded on the round, where the admin sees it
             log.exception("collecting round %d failed", rnd.id)
             app.rounds.fail_round(rnd.id, f"collecting the swarm's state failed: {exc}")
+            self._announce_end(rnd)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _announce_end(self, rnd: RoundRow) -> None:
+        try:
+            self.ckpt.announce_end(rnd.run_id)
+        except Exception:  # the peers then leave at their serving timeout instead
+            log.warning(
+                "could not tell run %s's peers that round %d ended", rnd.run_id, rnd.id, exc_info=True
+            )
 
     def _wait_for_epoch(self, rnd: RoundRow, epochs: int) -> None:
         """While the round is open and before its deadline, wait until a peer reports ``epochs``.

@@ -194,6 +194,7 @@ class Worker:
             heartbeat_interval_s=reply.heartbeat_interval_s or 5.0,
             dht_initial_peers=list(reply.dht_initial_peers),
         )
+        save_session(self.session_file, self.session)  # before anything else: a kill must not orphan it
         self.client.token = reply.session_token
         log.info("registered as worker %s (%s, device %s)", reply.worker_id, name, self.device)
         # Only a registered worker may download, so the rate goes out with heartbeats (and with the

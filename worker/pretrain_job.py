@@ -113,9 +113,9 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
             log.info("round closed at epoch %d: serving the swarm's state to the checkpointer", result.epoch)
         ctx.progress.update(phase="serving_state")
         collected = trainer.serve_state(timeout=data.serve_state_timeout_s, until=ctx.stopping)
-        if not collected and not ctx.cancel.is_set():
+        if not collected and not ctx.stopping.is_set():
             log.warning(
-                "the checkpointer did not collect run %s within %.0fs",
+                "the checkpointer did not collect run %s (the round ended without it, or %.0fs passed)",
                 task.run_id,
                 data.serve_state_timeout_s,
             )

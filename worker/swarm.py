@@ -248,8 +248,13 @@ def metrics_key(run_id: str) -> str:
     return f"{run_id}_coldswarm_metrics"
 
 
+#: the value of :func:`collected_key` when the round ended without a collection (cancelled, failed)
+ENDED_UNCOLLECTED = -1
+
+
 def collected_key(run_id: str) -> str:
-    """DHT key the checkpointer sets once it holds the round's final state (value: the epoch it collected)."""
+    """DHT key the checkpointer sets once it holds the round's final state (value: the epoch it collected),
+    or to :data:`ENDED_UNCOLLECTED` when the round ended without one: either way peers may leave."""
     return f"{run_id}_coldswarm_collected"
 
 
@@ -594,8 +599,9 @@ class SwarmTrainer:
 
     def serve_state(self, timeout: float, poll: float = 1.0, until: threading.Event | None = None) -> bool:
         """Stay in the swarm so others (the coordinator's checkpointer, late joiners) can download our state,
-        until the checkpointer announces it collected this round (returns True) or ``timeout`` passes (False)
-        or ``until`` is set (default: :meth:`stop` was called; pass another event to serve after a stop)."""
+        until the checkpointer announces it collected this round (returns True) or that the round ended
+        without a collection (False), or ``timeout`` passes (False), or ``until`` is set (default: :meth:`stop`
+        was called; pass another event to serve after a stop)."""
         from hivemind.utils import ValueWithExpiration
 
         self._require_started()
@@ -604,7 +610,7 @@ class SwarmTrainer:
         while time.monotonic() < deadline and not until.is_set():
             found = self.dht.get(collected_key(self.config.run_id), latest=True)
             if isinstance(found, ValueWithExpiration) and found.value is not None:
-                return True
+                return found.value != ENDED_UNCOLLECTED
             until.wait(poll)
         return False
 

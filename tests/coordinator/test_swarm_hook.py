@@ -32,7 +32,19 @@ def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
         if r.state != "closing":
             break
         time.sleep(0.2)
-    assert r.id == rnd.id and r.state == "failed" and "collecting" in r.error
+    assert r.id == rnd.id and r.state == "failed" and "first optimizer step" in r.error
+    # A cancelled round too: its peers serving state are told on the DHT that nothing will be collected.
+    cancelled = h.admin.OpenRound(pb.OpenRoundRequest(kind="pretrain"), metadata=h.amd)
+    assert h.admin.CloseRound(pb.CloseRoundRequest(cancel=True), metadata=h.amd).state == "cancelled"
+    from coldswarm.worker.swarm import ENDED_UNCOLLECTED, collected_key, start_dht
+
+    peer = start_dht(initial_peers=peers, client_mode=True)
+    try:
+        for run_id in (rnd.run_id, cancelled.run_id):
+            found = peer.get(collected_key(run_id), latest=True)
+            assert found is not None and found.value == ENDED_UNCOLLECTED, run_id
+    finally:
+        peer.shutdown()
 
 
 def _join(h):

@@ -96,11 +96,11 @@ def test_pretrain_round_closed_early_records_the_epoch_the_swarm_reached(tmp_pat
             time.sleep(1)
         assert _swarm_epoch(cluster) >= 2, "the swarm took no optimizer steps in 300 s"
         cluster.admin.CloseRound(pb.CloseRoundRequest(round_id=opened.id), metadata=cluster.metadata)
-        while time.monotonic() < deadline:
-            current = _round(cluster, opened.id)
-            if current.state in ("published", "failed"):
-                break
+        deadline = time.monotonic() + 300  # collection: the state download, then the evaluation
+        current = _round(cluster, opened.id)
+        while current.state not in ("published", "failed") and time.monotonic() < deadline:
             time.sleep(1)
+            current = _round(cluster, opened.id)
         assert current.state == "published", current.error
         version = cluster.version(str(current.result_version))
         epoch = json.loads(version.manifest_json)["metrics"]["epoch"]
