@@ -261,10 +261,14 @@ class UploadManager:
                 end = expected + len(chunk.data)
                 if end > self.max_upload_bytes:
                     raise ResourceExhausted(
-                        f"upload passed this coordinator's limit of {self.max_upload_bytes} bytes"
+                        f"upload passed this coordinator's limit of {self.max_upload_bytes} bytes "
+                        f"(at the chunk ending at byte {end})"
                     )
                 if end > total:
-                    raise InvalidArgument(f"upload sent more than the {total} bytes declared at BeginUpload")
+                    raise InvalidArgument(
+                        f"upload sent more than the {total} bytes declared at BeginUpload "
+                        f"(at the chunk ending at byte {end})"
+                    )
                 if chunk.data:
                     view = memoryview(chunk.data)
                     while view:

@@ -232,21 +232,27 @@ def test_over_size_limit(make_harness, tiny_model):
     before = h.counts()
     # Declared too big: refused before a byte is sent.
     refused(lambda: begin(w, rnd, 64 * 1024 + 1), C.RESOURCE_EXHAUSTED, "limit")
-    # Declared small, then more bytes than the limit: refused at the chunk that crosses the limit,
-    # before the whole payload has been received.
+    # Declared small, then more bytes than the limit: refused at the very chunk that crosses the declared size
+    # or the limit, not after the whole payload (how many chunks the client had queued is gRPC's business).
     up = begin(w, rnd, 1000)
-    sent = []
 
     def flood():
         for i in range(64):
-            sent.append(i)
             yield pb.UploadChunk(upload_id=up.upload_id, offset=i * 4096, data=b"\0" * 4096)
 
-    refused(lambda: w.stub.UploadContribution(flood(), metadata=w.md), C.INVALID_ARGUMENT, "declared")
+    refused(
+        lambda: w.stub.UploadContribution(flood(), metadata=w.md),
+        C.INVALID_ARGUMENT,
+        "declared",
+        "chunk ending at byte 4096)",
+    )
     up = begin(w, rnd, 64 * 1024)
-    sent.clear()
-    refused(lambda: w.stub.UploadContribution(flood(), metadata=w.md), C.RESOURCE_EXHAUSTED, "limit")
-    assert len(sent) < 64
+    refused(
+        lambda: w.stub.UploadContribution(flood(), metadata=w.md),
+        C.RESOURCE_EXHAUSTED,
+        "limit",
+        f"chunk ending at byte {64 * 1024 + 4096})",
+    )
     # Small on the wire, past the limit once decoded (a decompression bomb): refused before it expands.
     from coldswarm.fusion.codecs import CODECS
 
