@@ -92,10 +92,11 @@ class SwarmHook:
             self._wait_for_epoch(rnd, epochs)
             if self._stop.is_set():
                 return  # the coordinator is stopping: the round stays open and is collected at the next start
-            if app.rounds.get(rnd.id).state not in ("open", "closing"):
+            state = app.rounds.get(rnd.id).state
+            if state not in ("open", "closing"):
                 return  # cancelled meanwhile (watch told the peers)
             reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
-            if reached == 0 and app.rounds.get(rnd.id).state != "open":
+            if reached == 0 and state != "open":
                 raise RuntimeError("the round ended before the swarm took its first optimizer step")
             # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
             metrics = self.ckpt.collect(

@@ -52,10 +52,6 @@ from coldswarm.fusion.errors import DecodedTooLarge
 log = logging.getLogger(__name__)
 
 
-def codec_names() -> list[str]:
-    return sorted(CODECS)
-
-
 def _decode(codec: str, data: bytes, max_output: int) -> bytes:
     return CODECS[codec].decode(data, max_output=max_output)
 
@@ -132,8 +128,8 @@ class UploadManager:
                 "bytes: use a smaller form (LoRA/IA3) or a compressing codec"
             )
         codec = codec or "none"
-        if codec not in codec_names():
-            raise InvalidArgument(f"unknown codec {codec!r}; this coordinator decodes {codec_names()}")
+        if codec not in CODECS:
+            raise InvalidArgument(f"unknown codec {codec!r}; this coordinator decodes {sorted(CODECS)}")
         metrics_json = metrics_json or "{}"
         try:
             if not isinstance(json.loads(metrics_json), dict):

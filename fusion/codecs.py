@@ -24,10 +24,11 @@ name               lossless  what it does
 =================  ========  ==================================================================
 
 Use :func:`encode_file` / :func:`decode_file` for files, :func:`sniff` to tell which codec framed
-some bytes. Decoding what someone else encoded: pass ``max_output`` (the most bytes you accept). The
-frame's declared length is checked against it before anything is allocated, and every zstd stream is
-read with a bound, so a small upload cannot expand into gigabytes (:class:`DecodedTooLarge`). zstd runs single-threaded at level 3 by default (``ZSTD_LEVEL``) so a busy coordinator
-stays responsive; raise the level for archival.
+some bytes. Decoding what someone else encoded: pass ``max_output`` (the most bytes you accept); a
+frame declaring more raises :class:`DecodedTooLarge` before decoding starts. Every zstd stream is read
+with a bound (what its frame declared), so a small upload cannot expand into gigabytes: one that tries
+is damaged or forged (:class:`CodecError`). zstd runs single-threaded at level 3 by default
+(``ZSTD_LEVEL``) so a busy coordinator stays responsive; raise the level for archival.
 """
 
 from __future__ import annotations

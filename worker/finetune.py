@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from coldswarm.fusion.codecs import get_codec
 from coldswarm.worker.devices import autocast, make_optimizer
 
 # T5 module names (attention q/k/v/o and the gated FFN wi_0/wi_1/wo).
@@ -80,6 +81,7 @@ class FusionHyperparameters:
         unknown_stats = sorted(set(hp.statistics) - {"fisher", "regmean"})
         if unknown_stats:
             raise ValueError(f"unknown statistics {unknown_stats}: the worker collects fisher and regmean")
+        get_codec(hp.codec)  # an unknown codec fails here, before any training (CodecError names the choices)
         if hp.load_in_4bit and hp.peft_method == "full":
             raise ValueError(
                 "4-bit weights cannot be finetuned directly: use peft_method lora (QLoRA) or ia3"

@@ -69,7 +69,6 @@ def _score(model, tokenizer, records: list[dict], device: str) -> dict[str, floa
 
 def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
     hp = hyperparameters_for(task)
-    codecs.get_codec(hp.codec)  # an unknown codec fails before any training
     tokenizer = load_tokenizer(ctx.version_dir)
     train_shard = resolve_shard(task.shard, ctx.data_dir, split="train", on_error=ctx.on_bad_record)
     val_shard = resolve_shard(task.shard, ctx.data_dir, split="validation", on_error=ctx.on_bad_record)
