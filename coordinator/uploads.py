@@ -217,7 +217,8 @@ class UploadManager:
         except _Interrupted:
             keep_partial = True
             raise FailedPrecondition(
-                f"upload {upload_id} was interrupted; call BeginUpload again to resume"
+                f"upload {upload_id} ended before its last byte (the stream broke or was cut short); "
+                "the bytes received are kept: call BeginUpload again to resume"
             ) from None
         except CoordinatorError:
             raise
@@ -286,10 +287,13 @@ class UploadManager:
                 except Exception as exc:  # the client went away mid-stream
                     raise _Interrupted() from exc
         if not final_sha:
-            if not is_active():
+            # A stream cut short is resumable whoever cut it. gRPC cannot say for sure: a cancelled call
+            # can end the request iterator before context.is_active() turns False, so a short stream keeps
+            # its bytes even when the call still looks alive.
+            if expected < total or not is_active():
                 raise _Interrupted()
             raise InvalidArgument(
-                f"the stream ended at byte {expected} of {total} without the final chunk's sha256: "
+                f"the stream sent all {total} bytes but no sha256: "
                 "the last chunk must carry the sha256 of the whole payload"
             )
         got = digest.hexdigest()

@@ -203,6 +203,20 @@ def test_missing_final_hash(fusion, tiny_model):
     assert_unchanged(h, before)
 
 
+def test_stream_cut_short_keeps_its_bytes(fusion, tiny_model):
+    """A stream that ends early without the hash is resumable, whether gRPC reports a cancel or a close."""
+    h, rnd, w, a = fusion
+    data = delta_contribution(tiny_model)
+    up = begin(w, rnd, len(data), assignment_id=a.id)
+    half = len(data) // 2
+    short = [pb.UploadChunk(upload_id=up.upload_id, offset=0, data=data[:half])]
+    refused(lambda: w.stub.UploadContribution(iter(short), metadata=w.md), C.FAILED_PRECONDITION, "resume")
+    again = begin(w, rnd, len(data), assignment_id=a.id)
+    assert again.upload_id == up.upload_id and again.offset == half
+    resp = w.stub.UploadContribution(chunks(up.upload_id, data, offset=half), metadata=w.md)
+    assert resp.size == len(data)
+
+
 def test_hash_mismatch(fusion, tiny_model):
     h, rnd, w, a = fusion
     data = delta_contribution(tiny_model)

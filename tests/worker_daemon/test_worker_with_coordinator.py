@@ -194,12 +194,18 @@ def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, vers
     worker = join_swarm(
         processes, coordinator, tmp_path, "--device=cpu", "--max-assignments=1", "--log-format=json"
     )
+    # Long enough (seconds even on an idle machine) that heartbeats report the training phase before it
+    # ends: with TINY_FUSION's 8 steps the worker could upload before the test ever saw it train.
+    options = {**TINY_FUSION, "hyperparameters": {**TINY_FUSION["hyperparameters"], "steps": 150}}
     rnd = coordinator.admin.OpenRound(
-        pb.OpenRoundRequest(kind="fusion", quorum=1, method="fisher", options_json=json.dumps(TINY_FUSION)),
+        pb.OpenRoundRequest(kind="fusion", quorum=1, method="fisher", options_json=json.dumps(options)),
         metadata=coordinator.md,
     )
 
     def training():
+        rounds = coordinator.admin.ListRounds(pb.ListRoundsRequest(), metadata=coordinator.md).rounds
+        r = next(r for r in rounds if r.id == rnd.id)
+        assert r.state == "open", f"the round moved on ({r.state}) before the test saw the worker train"
         workers = coordinator.admin.ListWorkers(pb.ListWorkersRequest(), metadata=coordinator.md).workers
         return any(json.loads(w.progress_json or "{}").get("phase") == "training" for w in workers)
 
