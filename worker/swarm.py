@@ -618,8 +618,8 @@ class SwarmTrainer:
 
     def _publish_metrics(self, force: bool = False) -> None:
         """Publish steps/samples/loss under metrics_key(run_id) so the checkpointer can report the swarm's
-        loss and samples. Non-blocking; a record outlives the peer (1 h) so a round's totals count peers that
-        left."""
+        loss and samples. Non-blocking unless ``force``; a record outlives the peer (1 h) so a round's totals
+        count peers that left."""
         if self.optimizer is None or self.dht is None:
             return
         now = time.monotonic()
@@ -636,13 +636,20 @@ class SwarmTrainer:
             samples_per_s=float(self.optimizer.tracker.performance_ema.samples_per_second),
             time=float(get_dht_time()),
         )
-        self.dht.store(
+        stored = self.dht.store(
             metrics_key(self.config.run_id),
             subkey=str(self.dht.peer_id),
             value=value,
             expiration_time=get_dht_time() + 3600,
             return_future=True,
         )
+        if force:
+            # A forced publish is this peer's last word (end of training, leaving): wait for it, or the
+            # round's totals may miss the final steps of a peer that exits right after.
+            try:
+                stored.result(timeout=self.config.request_timeout * 3)
+            except Exception as exc:  # noqa: BLE001 - metrics are best effort; training results are not
+                logger.debug("final metrics not stored: %r", exc)
 
     def _mean_loss(self) -> float:
         return sum(self._losses) / len(self._losses) if self._losses else math.nan

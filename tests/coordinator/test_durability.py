@@ -24,10 +24,10 @@ from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 from .conftest import chunks, delta_contribution, sha
 
 pytestmark = pytest.mark.slow
-MERGE_DELAY_S = 4.0
+MERGE_DELAY_S = 8.0  # the window the test kills the merge in; generous for a loaded machine
 
 
-def wait_ready(address: str, proc, timeout: float = 60.0) -> None:
+def wait_ready(address: str, proc, timeout: float = 180.0) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout
@@ -162,9 +162,16 @@ def test_kill_during_upload_and_merge(processes, port, tmp_path, tiny_model):
     assert (data_dir / "tmp").exists()
 
     proc = start(processes, data_dir, port, tiny_model, log)
+    # The re-run merge starts with the server, so on a slow start it may already have published; what must
+    # never be visible is a version without its round published.
     versions = admin.ListVersions(pb.ListVersionsRequest(), metadata=amd).versions
-    assert [v.number for v in versions] == [0], "no partial version may be visible"
-    assert admin.Status(pb.StatusRequest(), metadata=amd).current_version == 0
+    state = admin.ListRounds(pb.ListRoundsRequest(), metadata=amd).rounds[0].state
+    numbers = [v.number for v in versions]  # read before the state: a publish in between only adds a version
+    assert numbers == [0] or (numbers == [0, 1] and state == "published"), (
+        "a partial version",
+        numbers,
+        state,
+    )
 
     def published():
         r = admin.ListRounds(pb.ListRoundsRequest(), metadata=amd).rounds[0]
@@ -189,4 +196,4 @@ def test_kill_during_upload_and_merge(processes, port, tmp_path, tiny_model):
     assert not [p for p in (data_dir / "tmp").iterdir() if p.name.startswith("merge-")]
     channel.close()
     processes.kill(proc, sig=15)
-    assert proc.wait(timeout=20) == 0
+    assert proc.wait(timeout=60) == 0

@@ -41,7 +41,11 @@ def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
     peer = start_dht(initial_peers=peers, client_mode=True)
     try:
         for run_id in (rnd.run_id, cancelled.run_id):
-            found = peer.get(collected_key(run_id), latest=True)
+            # The round's state changes before the announcement is stored: poll rather than read once.
+            deadline, found = time.monotonic() + 30, None
+            while (found is None or found.value != ENDED_UNCOLLECTED) and time.monotonic() < deadline:
+                found = peer.get(collected_key(run_id), latest=True)
+                time.sleep(0.2)
             assert found is not None and found.value == ENDED_UNCOLLECTED, run_id
     finally:
         peer.shutdown()

@@ -75,9 +75,11 @@ def write_tensors(path: Path, tensors) -> None:
     os.replace(tmp, path)
 
 
-def wait_for_file(path: str, timeout: float = 300.0) -> None:
+def wait_for_file(path: str, timeout: float = 600.0) -> None:
     deadline = time.monotonic() + timeout
-    while path and not os.path.exists(path) and time.monotonic() < deadline:
+    while path and not os.path.exists(path):
+        if time.monotonic() > deadline:
+            sys.exit(f"swarm_peer: {path} did not appear within {timeout:.0f}s")
         time.sleep(0.1)
 
 

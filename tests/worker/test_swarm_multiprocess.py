@@ -68,14 +68,19 @@ def start_peer(processes, tmp_path: Path, name: str, bootstrap: Checkpointer, ru
 
 
 def wait_for(path: Path, procs, timeout: float, what: str = "") -> None:
+    wait_until(path.exists, procs, timeout, what or str(path))
+
+
+def wait_until(predicate, procs, timeout: float, what: str) -> None:
+    """Poll ``predicate`` until it holds; fail at once (with the peers' logs) if a peer died or on timeout."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not predicate():
         for proc in procs:
             if proc.poll() is not None and not (proc.out / "result.json").exists():
                 pytest.fail(f"peer {proc.out.name} exited with {proc.returncode}:\n{tail(proc.log_path)}")
         if time.monotonic() > deadline:
             logs = "\n".join(f"--- {p.out.name}\n{tail(p.log_path)}" for p in procs)
-            pytest.fail(f"timed out waiting for {what or path}\n{logs}")
+            pytest.fail(f"timed out waiting for {what}\n{logs}")
         time.sleep(0.25)
 
 
@@ -114,6 +119,10 @@ def test_two_peers_average_with_8bit_codec_and_checkpointer_collects(processes, 
         "1",
         "--step-delay",
         "0.5",
+        # Generous matchmaking (request timeout 3 s): a peer that times out looking for its group falls back
+        # to its own gradients, and the closed form below no longer holds.
+        "--matchmaking-time",
+        "8",
     ]
     common += ["--grad-compression", "uniform8bit", "--local-only", "--serve", "120", "--wait-file", str(go)]
     peers = [
@@ -129,6 +138,7 @@ def test_two_peers_average_with_8bit_codec_and_checkpointer_collects(processes, 
     results = [read_json(p.out / "result.json") for p in peers]
     assert [r["epoch"] for r in results] == [1, 1], results
     assert all(r["reason"] == "max_epochs" for r in results)
+    assert [r["local_fallbacks"] for r in results] == [0, 0], "a peer stepped alone: no averaging to check"
     finals = [load(p.out / "final.safetensors") for p in peers]
     local_only = [load(p.out / "local_only.safetensors") for p in peers]
     samples = [r["epoch0_samples"] for r in results]
@@ -179,6 +189,7 @@ def test_two_peers_average_with_8bit_codec_and_checkpointer_collects(processes, 
         assert proc.returncode == 0, tail(proc.log_path)
 
 
+@pytest.mark.timeout(1500)  # its own waits add up past the suite's 600 s per test
 def test_late_joiner_loads_state_from_peers(processes, bootstrap, tmp_path):
     run_id = "late"
     go, stop = tmp_path / "go", tmp_path / "stop"
@@ -219,8 +230,17 @@ def test_late_joiner_loads_state_from_peers(processes, bootstrap, tmp_path):
     ready = read_json(late.out / "ready.json")
     assert ready["loaded_state_from_peers"], tail(late.log_path)
     assert ready["epoch"] >= 1
-    # Let it train along for two global steps, then end the round through the trainers' stop flag.
-    wait_for(late.out / f"epoch{ready['epoch'] + 2}.safetensors", everyone, 120, "two more global steps")
+
+    # Let it train along until it has reached two more global steps (hivemind may skip an epoch number when
+    # a peer catches up) and taken part in a 3-peer all-reduce (hivemind's own status line, verbose mode),
+    # then end the round through the trainers' stop flag.
+    def trained_along() -> bool:
+        epochs = [int(p.stem[5:]) for p in late.out.glob("epoch*.safetensors")]
+        return max(epochs, default=-1) >= ready["epoch"] + 2 and "Averaged gradients with 3 peers" in (
+            late.log_path.read_text(errors="replace")
+        )
+
+    wait_until(trained_along, everyone, 240, "the late joiner to average with both others")
     stop.touch()
     for proc in everyone:
         wait_for(proc.out / "result.json", everyone, 60, f"{proc.out.name} to stop")
@@ -237,23 +257,23 @@ def test_late_joiner_loads_state_from_peers(processes, bootstrap, tmp_path):
             snapshots[(proc.out.name, int(path.stem[5:]))] = load(path)
     (name, epoch), closest = min(snapshots.items(), key=lambda item: (item[1] - joined).norm())
     assert epoch >= 1
-    step_size = (snapshots[(name, epoch)] - snapshots[(name, epoch - 1)]).norm()
+    previous = max(e for n, e in snapshots if n == name and e < epoch)  # an epoch number may be skipped
+    step_size = (snapshots[(name, epoch)] - snapshots[(name, previous)]).norm()
     assert (closest - joined).norm() < 0.25 * step_size
     assert (own_init - joined).norm() > 10 * (closest - joined).norm()
-    # And it then took part in the swarm's all-reduce (hivemind's own status line, verbose mode). Its epoch
-    # *number* may trail the others' by one: a peer that loads state just as the swarm steps counts the next
-    # round as its own step (hivemind's "catch up" rule), so snapshots are not compared by epoch number.
-    assert "Averaged gradients with 3 peers" in late.log_path.read_text(), tail(late.log_path)
+    # It then took part in the swarm's all-reduce (checked above, before the stop). Its epoch *number* may
+    # trail the others' by one: a peer that loads state just as the swarm steps counts the next round as its
+    # own step (hivemind's "catch up" rule), so snapshots are not compared by epoch number.
     assert read_json(late.out / "result.json")["steps"] > 0
 
 
 def test_killed_peer_does_not_stall_the_other(processes, bootstrap, tmp_path):
     run_id = "kill"
     go = tmp_path / "go"
-    averaging_timeout = 10.0
+    averaging_timeout, matchmaking_time = 10.0, 4.0
     common = ["--optimizer", "sgd", "--lr", "0.5", "--target-batch-size", "24", "--max-epochs", "3"]
     common += ["--snapshots", "--step-delay", "0.2", "--wait-file", str(go)]
-    common += ["--averaging-timeout", str(averaging_timeout), "--matchmaking-time", "4"]
+    common += ["--averaging-timeout", str(averaging_timeout), "--matchmaking-time", str(matchmaking_time)]
     peers = [
         start_peer(processes, tmp_path, f"p{i}", bootstrap, run_id, "--data-seed", str(30 + i), *common)
         for i in range(2)
@@ -274,6 +294,8 @@ def test_killed_peer_does_not_stall_the_other(processes, bootstrap, tmp_path):
     # Never stuck longer than one averaging timeout (plus scheduling slack on a loaded machine) at any step.
     times = [killed_at] + [t for t, _ in result["step_log"] if t > killed_at]
     worst_gap = max(b - a for a, b in zip(times, times[1:], strict=False))
-    assert worst_gap < averaging_timeout + 10, (worst_gap, tail(survivor.log_path))
+    # One step can spend a matchmaking attempt and an averaging timeout on the dead peer, the next
+    # matchmake against its DHT record until that expires; a stall would be unbounded.
+    assert worst_gap < matchmaking_time + averaging_timeout + 15, (worst_gap, tail(survivor.log_path))
     survivor.wait(timeout=30)
     assert survivor.returncode == 0, tail(survivor.log_path)
