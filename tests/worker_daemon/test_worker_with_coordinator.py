@@ -200,7 +200,7 @@ def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, vers
     )
     # Long enough (seconds even on an idle machine) that heartbeats report the training phase before it
     # ends: with TINY_FUSION's 8 steps the worker could upload before the test ever saw it train.
-    options = {**TINY_FUSION, "hyperparameters": {**TINY_FUSION["hyperparameters"], "steps": 150}}
+    options = {**TINY_FUSION, "hyperparameters": {**TINY_FUSION["hyperparameters"], "steps": 40}}
     rnd = coordinator.admin.OpenRound(
         pb.OpenRoundRequest(kind="fusion", quorum=1, method="fisher", options_json=json.dumps(options)),
         metadata=coordinator.md,
@@ -225,7 +225,7 @@ def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, vers
         assert r.state not in ("failed", "cancelled"), r.error
         return r if r.state == "published" else None
 
-    done = wait_for(published, 420, "the round to merge and publish")
+    done = wait_for(published, 600, "the round to merge and publish")
     contributions = coordinator.admin.ListContributions(
         pb.ListContributionsRequest(round_id=rnd.id), metadata=coordinator.md
     ).contributions
