@@ -171,15 +171,11 @@ class LocalCluster:
 
     # -- processes ----------------------------------------------------------------------------
 
-    def _spawn(self, argv: list[str], log_name: str, threads: int | None = None) -> subprocess.Popen:
+    def _spawn(self, argv: list[str], log_name: str) -> subprocess.Popen:
         argv = [console_script(argv[0]), *argv[1:]]
         log_path = self.config.run_dir / "logs" / f"{log_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        if threads is not None:
-            # Workers train at the same time: more OpenMP threads than cores make them spin-wait on each
-            # other, which was measured here to slow a training step ~100x. Each gets its share.
-            env.setdefault("OMP_NUM_THREADS", str(threads))
         with open(log_path, "ab") as log:
             # Own session: Ctrl-C reaches only this launcher, which then stops children in order.
             proc = subprocess.Popen(
@@ -207,6 +203,8 @@ class LocalCluster:
             "coordinator",
         )
         self._wait_for_coordinator()
+        # Workers train at the same time: more threads than cores make them spin-wait on each other,
+        # which was measured here to slow a training step ~100x. Each gets its share.
         threads = max(1, (os.cpu_count() or 1) // cfg.workers)
         for i in range(cfg.workers):
             self._spawn(
@@ -216,10 +214,9 @@ class LocalCluster:
                     cfg.run_dir / f"worker-{i}",
                     "cpu",
                     # hivemind peers on loopback only, like everything else of the local cluster
-                    [f"--name=local-{i}", "--swarm-listen=/ip4/127.0.0.1/tcp/0"],
+                    [f"--name=local-{i}", "--swarm-listen=/ip4/127.0.0.1/tcp/0", f"--cpu-threads={threads}"],
                 ),
                 f"worker-{i}",
-                threads=threads,
             )
         self._wait_for_workers(cfg.workers)
 

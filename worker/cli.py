@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default="", help="label shown to the coordinator's admin (default: host name)")
     p.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU threads for training (default: torch's choice, every core). On a machine busy with other "
+        "work give fewer than its cores: threads that wait on descheduled siblings make steps many times "
+        "slower",
+    )
+    p.add_argument(
         "--ca-file", type=Path, default=None, help="CA certificate when the coordinator serves TLS"
     )
     p.add_argument("--max-assignments", type=int, default=0, help="exit after N assignments (default: never)")
@@ -106,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def limit_cpu_threads(n: int) -> None:
+    """Train on ``n`` CPU threads: torch's intra-op pool, and OpenMP in processes started from here."""
+    os.environ["OMP_NUM_THREADS"] = str(n)  # before torch starts its pool, and inherited by hivemind's
+    import torch
+
+    torch.set_num_threads(n)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -125,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None and not args.data.is_dir():
         print(f"join-swarm: --data {args.data} is not a directory", file=sys.stderr)
         return 2
+
+    if args.cpu_threads is not None:
+        if args.cpu_threads < 1:
+            print(f"join-swarm: --cpu-threads must be at least 1, not {args.cpu_threads}", file=sys.stderr)
+            return 2
+        limit_cpu_threads(args.cpu_threads)
 
     from coldswarm.worker.daemon import Worker, WorkerConfig
 

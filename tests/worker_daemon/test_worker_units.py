@@ -96,3 +96,34 @@ def test_heartbeat_carries_the_measured_bandwidth_once_known():
     assert "bandwidth_bytes_per_s" not in p.heartbeat().metrics
     p.update(bandwidth_bytes_per_s=12.5e6, metrics={"epoch": 1.0})
     assert dict(p.heartbeat().metrics) == {"epoch": 1.0, "bandwidth_bytes_per_s": 12.5e6}
+
+
+def test_cpu_threads_limit_torch_and_openmp():
+    import subprocess
+    import sys
+
+    # In a child: the thread pool is process-wide and the test process's must stay as it is.
+    code = (
+        "import os, torch\n"
+        "from coldswarm.worker.cli import limit_cpu_threads\n"
+        "limit_cpu_threads(1)\n"
+        "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.split() == ["1", "1"]
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "coldswarm.worker.cli",
+            "--coordinator=127.0.0.1:1",
+            "--token=t",
+            "--cpu-threads=0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "--cpu-threads must be at least 1" in bad.stderr
