@@ -203,8 +203,8 @@ class LocalCluster:
             "coordinator",
         )
         self._wait_for_coordinator()
-        # Workers train at the same time: more threads than cores make them spin-wait on each other,
-        # which was measured here to slow a training step ~100x. Each gets its share.
+        # Workers train at the same time: more threads than cores make them wait on descheduled siblings
+        # (benchmarks/cpu_threads.py: a step 4x slower beside one busy process). Each gets its share.
         threads = max(1, (os.cpu_count() or 1) // cfg.workers)
         for i in range(cfg.workers):
             self._spawn(
