@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -602,15 +602,3 @@ def write_model_dir(
         for name, t in items:
             w.write(name, t)
     return Path(out_dir)
-
-
-def iter_row_chunks(
-    shape: tuple[int, ...], bytes_per_row_budget: int, row_bytes: int
-) -> Iterator[tuple[int, int]]:
-    """Row ranges (start, stop) over dimension 0 so that each range's rows fit the byte budget."""
-    rows = shape[0] if shape else 1
-    step = max(1, bytes_per_row_budget // max(row_bytes, 1))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-    if rows == 0:
-        yield 0, 0

@@ -36,14 +36,6 @@ def lora_delta(a: Tensor, b: Tensor, scaling: float, fan_in_fan_out: bool = Fals
     return d.T if fan_in_fan_out else d
 
 
-def ia3_scale(weight: Tensor, vector: Tensor, feedforward: bool, fan_in_fan_out: bool = False) -> Tensor:
-    """An IA3-scaled weight: feedforward modules scale the input dim, others the output dim."""
-    v = vector.float().reshape(-1)
-    # A weight is (out, in), or (in, out) with fan_in_fan_out; pick the axis to scale accordingly.
-    scale_dim1 = feedforward != fan_in_fan_out
-    return weight * (v[None, :] if scale_dim1 else v[:, None])
-
-
 class Materialiser:
     """Where each base parameter's value comes from in one contribution.
 

@@ -12,7 +12,6 @@ Any local HF T5/Flan-T5 directory works in place of a built-in config:
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -80,8 +79,3 @@ def load_model(path: str | os.PathLike, **kwargs):
 def num_parameters(model) -> int:
     """Number of parameters (shared embedding counted once)."""
     return sum(p.numel() for p in model.parameters())
-
-
-def expected_initial_loss(vocab_size: int) -> float:
-    """ln(vocab): the loss of a uniform prediction, what a fresh model should start near."""
-    return math.log(vocab_size)
