@@ -434,6 +434,12 @@ class MergeMethod:
     #: fp32 working copies of a chunk the method holds per contribution (inputs included); the
     #: driver sizes chunks with it so that ``chunk_mb`` bounds the real working set
     work_copies: int = 1
+    #: the result can be finite although an input is not (a sort moves a NaN to an end, where it is
+    #: trimmed away): the driver then checks every materialised input, not only the output
+    hides_nonfinite: bool = False
+    #: registry name of the method run on tensors this method's statistics do not cover (RegMean:
+    #: anything but a linear weight every contribution has a Gram for); it is chunked and reads no Gram
+    fallback: str | None = None
 
     def make_config(self, options: Mapping[str, Any] | None = None) -> Any:
         """Build this method's config from a plain mapping, refusing unknown keys."""
@@ -463,7 +469,7 @@ METHODS: dict[str, MergeMethod] = {
                     needs_fisher=True, work_copies=2),
         MergeMethod("regmean", regmean, RegMeanConfig, "https://arxiv.org/abs/2212.09849",
                     "RegMean (Jin et al. 2022): per linear layer, least squares on the pooled inputs' Gram",
-                    needs_gram=True, chunkable=False),
+                    needs_gram=True, chunkable=False, fallback="average"),
         MergeMethod("task_arithmetic", task_arithmetic, TaskArithmeticConfig, "https://arxiv.org/abs/2212.04089",
                     "Task arithmetic (Ilharco et al. 2023): base + scaling * sum of task vectors", work_copies=2),
         MergeMethod("ties", ties, TiesConfig, "https://arxiv.org/abs/2306.01708",
@@ -473,10 +479,10 @@ METHODS: dict[str, MergeMethod] = {
                     work_copies=4),
         MergeMethod("median", median, MedianConfig, "https://arxiv.org/abs/1803.01498",
                     "coordinate-wise median: robust to a minority of arbitrary contributions", uses_weights=False,
-                    work_copies=3),
+                    work_copies=3, hides_nonfinite=True),
         MergeMethod("trimmed_mean", trimmed_mean, TrimmedMeanConfig, "https://arxiv.org/abs/1803.01498",
                     "coordinate-wise trimmed mean: drops the extremes per coordinate", uses_weights=False,
-                    work_copies=3),
+                    work_copies=3, hides_nonfinite=True),
     ]
 }  # fmt: skip
 
