@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from coldswarm.common.options import split_known
+
 from .checkpoint import CheckpointReader, ModelDirWriter, dtype_from_name
 from .contribution import Contribution, open_contribution
 from .errors import ContributionError, MergeConfigError, MergeError
@@ -104,12 +106,9 @@ class MergeOptions:
         if isinstance(options, MergeOptions):
             return options
         options = dict(options or {})
-        own = {f.name for f in dataclasses.fields(cls)} - {"method"}
         method = dict(options.pop("method", None) or {})
-        for k in list(options):
-            if k not in own:
-                method[k] = options.pop(k)
-        return cls(**options, method=method)
+        own, rest = split_known(options, cls)  # the method refuses what is neither its nor ours
+        return cls(**own, method={**method, **rest})
 
 
 def _rows(shape: tuple[int, ...]) -> int:
