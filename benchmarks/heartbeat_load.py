@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from coldswarm.coordinator.client import bearer, open_channel
+from coldswarm.common.channel import bearer, open_channel
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 

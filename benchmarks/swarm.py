@@ -103,7 +103,11 @@ def run_solo(args, ready: Path) -> dict:
 
 
 def run_peer(args, ready: Path) -> dict:
-    from coldswarm.worker.compression import ByteCountingCompression, count_registry_bytes, make_compression
+    from coldswarm.swarm.averaging_codecs import (
+        ByteCountingCompression,
+        count_registry_bytes,
+        make_compression,
+    )
     from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer
 
     model = build_model(args)
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result))
         return 0
 
-    from coldswarm.worker.swarm import start_dht
+    from coldswarm.swarm.dht import start_dht
 
     workdir = Path(tempfile.mkdtemp(prefix="coldswarm-bench-"))
     dht = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])

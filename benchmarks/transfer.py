@@ -3,7 +3,7 @@
 Prints rates and ratios (never asserts). In one run, on loopback:
 
 - download: ``DownloadVersion`` streamed into a file, and the admin CLI's verified
-  download (``coldswarm.coordinator.client.download_version``: resumable, sha256 of
+  download (``coldswarm.common.fetch.download_version``: resumable, sha256 of
   every file, fsync) — vs. a plain TCP socket sending the same file into a file;
 - upload: ``BeginUpload`` + ``UploadContribution`` of a same-sized contribution until
   the coordinator answers (its hash check, validation and blob commit included) —
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save, save_file
 
-from coldswarm.coordinator.client import bearer, download_version, open_channel
+from coldswarm.common.channel import bearer, open_channel
+from coldswarm.common.fetch import download_version
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 

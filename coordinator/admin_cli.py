@@ -29,7 +29,8 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from coldswarm.coordinator.client import DownloadError, bearer, download_version, open_channel
+from coldswarm.common.channel import bearer, open_channel
+from coldswarm.common.fetch import DownloadError, download_version
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 

@@ -16,7 +16,6 @@ Only sha256 hashes of tokens are stored; a token is shown once, when made.
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import threading
 import time
@@ -24,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from coldswarm.common.durable import write_private
 from coldswarm.coordinator.errors import NotFound, PermissionDenied, Unauthenticated
 from coldswarm.coordinator.store import Store
 
@@ -48,21 +48,6 @@ def bearer_from_metadata(metadata: Iterable[tuple[str, str]] | None) -> str | No
                 return token.strip()
             return ""
     return None
-
-
-def _write_private(path: Path, token: str) -> None:
-    """Write ``token`` to ``path`` atomically, readable only by this user."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    # Created 0600 from the start (not chmod'ed after) so no other user can ever read it.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)
@@ -115,7 +100,7 @@ class Auth:
         if any(t.kind == "admin" and not t.revoked for t in self._tokens.values()):
             return None
         token = new_token("admin")
-        _write_private(self.admin_token_path, token)
+        write_private(self.admin_token_path, token + "\n")
         self._insert("admin", "admin", token)
         self.admin_token_created = token
         return token
@@ -134,7 +119,7 @@ class Auth:
         if row is not None and row.kind == "join" and not row.revoked:
             return False
         _row, token = self.create_join_token(f"file {path.name}")
-        _write_private(path, token)
+        write_private(path, token + "\n")
         return True
 
     # -- join tokens ----------------------------------------------------------------------

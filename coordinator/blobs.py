@@ -12,50 +12,14 @@ kill at any moment leaves at most a stray temp file (swept at start).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from coldswarm.common.durable import fsync_dir, fsync_file
+from coldswarm.common.hashing import sha256_file
 from coldswarm.coordinator.errors import DataLoss
-
-HASH_BLOCK = 4 * 1024 * 1024
-
-
-def sha256_file(path: Path, limit: int | None = None) -> str:
-    """Hex sha256 of a file (its first ``limit`` bytes when given)."""
-    return hash_prefix(path, limit).hexdigest()
-
-
-def hash_prefix(path: Path, limit: int | None = None):
-    """A running sha256 object over the first ``limit`` bytes of ``path`` (all when None)."""
-    digest = hashlib.sha256()
-    remaining = limit
-    with open(path, "rb") as fh:
-        while remaining is None or remaining > 0:
-            n = HASH_BLOCK if remaining is None else min(HASH_BLOCK, remaining)
-            block = fh.read(n)
-            if not block:
-                break
-            digest.update(block)
-            if remaining is not None:
-                remaining -= len(block)
-    return digest
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
 
 
 class BlobStore:

@@ -20,11 +20,15 @@ Usage (the round manager)::
     record_version(out_dir, round_id, kind="pretrain", metrics=metrics)
     ckpt.shutdown()                                          # at coordinator exit
 
-``collect`` writes ``out_dir`` atomically (a temp dir in the same parent, fsync, rename): it either exists
-complete or not at all. It copies the base directory's non-weight files (tokenizer, generation config) and
-writes ``config.json`` + ``model.safetensors``. It does not write ``coldswarm-manifest.json``; that is the
-version store's. Both sides agree on which tensors are trained via
-:func:`coldswarm.worker.swarm.swarm_parameters`.
+``collect`` writes ``out_dir`` through fusion's model-directory writer
+(:class:`coldswarm.fusion.checkpoint.ModelDirWriter`, the one merges write with): atomically (a temp dir in the
+same parent, fsync, rename), so it either exists complete or not at all. It copies the base directory's
+non-weight files (``config.json``, tokenizer, generation config) and writes the weights in the base's layout
+(``model.safetensors``, or the base's shards). It does not write the manifest; that is the version store's.
+
+The two sides of the swarm speak the protocol in :mod:`coldswarm.swarm`: which tensors are trained and in what
+order (:func:`~coldswarm.swarm.parameters.swarm_parameters`), the DHT keys and their typed records
+(:mod:`coldswarm.swarm.records`: the checkpointer reads the peers' metrics through that schema).
 """
 
 from __future__ import annotations
@@ -32,33 +36,22 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from coldswarm.coordinator.blobs import fsync_dir
-from coldswarm.worker.compression import register_safe_codecs
-from coldswarm.worker.swarm import ENDED_UNCOLLECTED, collected_key, metrics_key, start_dht, swarm_parameters
+from coldswarm.fusion.checkpoint import CheckpointReader, ModelDirWriter
+from coldswarm.swarm.averaging_codecs import register_safe_codecs
+from coldswarm.swarm.dht import start_dht
+from coldswarm.swarm.parameters import swarm_parameters
+from coldswarm.swarm.records import ENDED_UNCOLLECTED, collected_key, metrics_key, peer_metrics, run_validator
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Checkpointer", "CheckpointerConfig", "CollectError"]
-
-# Files of a model directory that hold weights (replaced by the collected ones) or belong to the version
-# store; everything else in the base directory (tokenizer, spiece.model, generation_config.json) is copied.
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-_MANIFEST = "coldswarm-manifest.json"
 
 
 class CollectError(RuntimeError):
@@ -98,6 +91,7 @@ class Checkpointer:
     def __init__(self, config: CheckpointerConfig | None = None):
         self.config = config or CheckpointerConfig()
         self.dht = None
+        self._validated_runs: set[str] = set()
 
     def start(self) -> Checkpointer:
         """Start the DHT peer (a background process and its p2p daemon). Idempotent."""
@@ -127,6 +121,13 @@ class Checkpointer:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
+            self._validated_runs.clear()
+
+    def _validate_run(self, run_id: str) -> None:
+        """Make the DHT peer refuse malformed records under ``run_id``'s keys (once per run and peer)."""
+        if run_id not in self._validated_runs:
+            self.dht.add_validators([run_validator(run_id)])
+            self._validated_runs.add(run_id)
 
     # -- what the swarm reports -------------------------------------------------------------------------
 
@@ -134,34 +135,25 @@ class Checkpointer:
         """The swarm's totals from what peers published under ``metrics_key(run_id)``: samples and steps summed
         over every peer that took part (records outlive their peer for an hour), loss averaged over peers
         weighted by their samples, the number of peers, and the newest epoch any peer reported."""
-        from hivemind.utils import ValueWithExpiration
-
         self._require_started()
-        found = self.dht.get(metrics_key(run_id), latest=True)
-        records = []
-        if isinstance(found, ValueWithExpiration) and isinstance(found.value, dict):
-            for entry in found.value.values():
-                value = entry.value if isinstance(entry, ValueWithExpiration) else None
-                if isinstance(value, dict):
-                    records.append(value)
-        samples = sum(int(r.get("samples") or 0) for r in records)
-        with_loss = [
-            r for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])
-        ]
-        loss_weight = sum(int(r.get("samples") or 0) for r in with_loss)
+        self._validate_run(run_id)
+        records = peer_metrics(self.dht.get(metrics_key(run_id), latest=True))
+        samples = sum(r.samples for r in records)
+        with_loss = [r for r in records if r.loss is not None]
+        loss_weight = sum(r.samples for r in with_loss)
         if with_loss and loss_weight > 0:
-            loss = sum(float(r["loss"]) * int(r.get("samples") or 0) for r in with_loss) / loss_weight
+            loss = sum(r.loss * r.samples for r in with_loss) / loss_weight
         elif with_loss:
-            loss = sum(float(r["loss"]) for r in with_loss) / len(with_loss)
+            loss = sum(r.loss for r in with_loss) / len(with_loss)
         else:
             loss = math.nan
         return {
             "swarm_loss": loss,
             "swarm_samples": float(samples),
-            "swarm_steps": float(sum(int(r.get("steps") or 0) for r in records)),
+            "swarm_steps": float(sum(r.steps for r in records)),
             "swarm_peers": float(len(records)),
-            "swarm_samples_per_s": float(sum(float(r.get("samples_per_s") or 0.0) for r in records)),
-            "swarm_epoch_reported": float(max((int(r.get("epoch") or 0) for r in records), default=0)),
+            "swarm_samples_per_s": float(sum(r.samples_per_s for r in records)),
+            "swarm_epoch_reported": float(max((r.epoch for r in records), default=0)),
         }
 
     # -- collection -------------------------------------------------------------------------------------
@@ -194,6 +186,7 @@ class Checkpointer:
         from transformers import AutoModelForSeq2SeqLM
 
         self._require_started()
+        self._validate_run(run_id)
         register_safe_codecs()
         base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
         if out_dir.exists():
@@ -256,6 +249,7 @@ class Checkpointer:
         from hivemind.utils import get_dht_time
 
         self._require_started()
+        self._validate_run(run_id)
         self.dht.store(collected_key(run_id), ENDED_UNCOLLECTED, expiration_time=get_dht_time() + 3600)
 
     def _download(self, averager, run_id: str, min_epoch: int, deadline: float):
@@ -282,26 +276,24 @@ class Checkpointer:
 
     @staticmethod
     def _write_version_dir(model, base_model_dir: Path, out_dir: Path) -> None:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-        try:
-            for src in base_model_dir.iterdir():
-                if (
-                    src.is_file()
-                    and src.name not in _WEIGHT_FILES
-                    and src.name != _MANIFEST
-                    and not src.name.endswith(_NOT_COPIED_SUFFIXES)
-                ):
-                    shutil.copy2(src, tmp / src.name)
-            model.save_pretrained(tmp, safe_serialization=True)
-            for path in tmp.iterdir():
-                with open(path, "rb") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, out_dir)
-            fsync_dir(out_dir.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Write ``model``'s weights in the base's layout (its files, its tensor names) into ``out_dir`` with the
+        base's non-weight files, atomically: fusion's writer decides which files are weights and how a model
+        directory appears (the same as a merge's)."""
+        state = model.state_dict()
+        with CheckpointReader(base_model_dir) as base:
+            layout = base.layout()
+        missing = [name for names in layout.values() for name in names if name not in state]
+        if missing:
+            raise CollectError(f"the base checkpoint has tensors the model does not: {missing[:5]}")
+        specs = {
+            fname: {name: (state[name].dtype, tuple(state[name].shape)) for name in names}
+            for fname, names in layout.items()
+        }
+        # HF's save_pretrained marks its files {"format": "pt"}; a merge's output carries the same.
+        with ModelDirWriter(out_dir, specs, base_dir=base_model_dir, metadata={"format": "pt"}) as writer:
+            for names in layout.values():
+                for name in names:
+                    writer.write(name, state[name])
 
     def _require_started(self) -> None:
         if self.dht is None:

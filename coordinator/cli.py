@@ -17,10 +17,10 @@ import logging
 import sys
 import threading
 
+from coldswarm.common.signals import install_stop_handler
 from coldswarm.coordinator.app import ConfigError, Coordinator
 from coldswarm.coordinator.config import add_arguments, from_args
 from coldswarm.coordinator.errors import CoordinatorError
-from coldswarm.worker.signals import install_stop_handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def health_check(address: str, ca_file: str | None, timeout: float) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from coldswarm.coordinator.client import open_channel
+    from coldswarm.common.channel import open_channel
 
     try:
         with open_channel(address, ca_file) as channel:

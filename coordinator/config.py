@@ -7,10 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from coldswarm.common import cli_args
 
 MiB = 1024 * 1024
 
@@ -105,40 +106,8 @@ class CoordinatorConfig:
 
 def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per config field, with the field's help and default."""
-    for f in dataclasses.fields(CoordinatorConfig):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = None
-        help_text = f.metadata.get("help", "")
-        hidden = f.metadata.get("hidden", False)
-        if hidden:
-            help_text = argparse.SUPPRESS
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if kind == "bool":
-            parser.add_argument(
-                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
-            )
-        elif kind.startswith("list"):
-            parser.add_argument(flag, dest=f.name, nargs="*", default=list(default or []), help=help_text)
-        else:
-            conv = {"int": int, "float": float}.get(kind, str)
-            if "Path" in kind:
-                conv = Path
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                type=conv,
-                default=default,
-                help=help_text if hidden else f"{help_text} (default: {default})",
-            )
+    cli_args.add_arguments(parser, CoordinatorConfig, skip=skip)
 
 
 def from_args(args: argparse.Namespace) -> CoordinatorConfig:
-    names = {f.name for f in dataclasses.fields(CoordinatorConfig)}
-    return CoordinatorConfig(**{k: v for k, v in vars(args).items() if k in names})
+    return cli_args.from_args(CoordinatorConfig, args)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import grpc
 
-from coldswarm.coordinator.client import open_channel
+from coldswarm.common import cli_args
+from coldswarm.common.channel import open_channel
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -359,18 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="coldswarm-local",
         description="Run a coordinator and N workers on this machine through pretrain and fusion rounds.",
     )
-    defaults = LocalClusterConfig()
-    for f in LocalClusterConfig.__dataclass_fields__.values():
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            p.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"]
-            )
-        else:
-            p.add_argument(
-                flag, type=type(default), default=default, help=f"{f.metadata['help']} (default: {default})"
-            )
+    cli_args.add_arguments(p, LocalClusterConfig)
     return p
 
 

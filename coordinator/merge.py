@@ -1,15 +1,32 @@
-"""The one door from the coordinator to the merge math in ``coldswarm.fusion`` (its method registry)."""
+"""The one door from the coordinator to the merge math in ``coldswarm.fusion`` (its method and codec
+registries)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from coldswarm.common.round_options import statistics_needed
+from coldswarm.fusion.codecs import CODECS
 from coldswarm.fusion.merge import merge_checkpoints
 from coldswarm.fusion.methods import METHODS
 
 
 def available_methods() -> list[str]:
     return sorted(METHODS)
+
+
+def statistics_for(method: str) -> list[str]:
+    """The statistics a merge with ``method`` needs from every worker, from the registry's flags
+    (none for a name the registry does not hold: OpenRound refuses that name first)."""
+    entry = METHODS.get(method)
+    if entry is None:
+        return []
+    return statistics_needed(fisher=entry.needs_fisher, gram=entry.needs_gram)
+
+
+def codec_names() -> list[str]:
+    """The codecs a contribution may be encoded with (workers encode, the coordinator decodes)."""
+    return sorted(CODECS)
 
 
 def merge(

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from coldswarm.common import round_options
 from coldswarm.coordinator import merge as merge_bridge
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.config import CoordinatorConfig
@@ -57,8 +58,6 @@ log = logging.getLogger(__name__)
 
 KINDS = ("fusion", "pretrain")
 LIVE_STATES = ("open", "closing", "merging")
-# The statistics a merge method needs from every worker (fusion/ collects them).
-STATISTICS_FOR = {"fisher": ["fisher"], "regmean": ["regmean"]}
 
 
 @dataclass
@@ -732,22 +731,18 @@ def _jsonable(value):
 
 def fusion_task(options: dict, method: str, index: int, n: int) -> dict:
     """The ``FusionTask`` fields of shard ``index`` of ``n`` in a fusion round with these options."""
-    return {
-        "shard": f"{options.get('shard_prefix', 'default')}:{index}-of-{n}",
-        "peft_method": options.get("peft_method", "lora"),
-        "hyperparameters_json": json.dumps(options.get("hyperparameters", {}), sort_keys=True),
-        "statistics": list(options.get("statistics", STATISTICS_FOR.get(method, []))),
-        "codec": options.get("codec", ""),  # empty: the worker's default (FusionHyperparameters.codec)
-    }
+    return round_options.fusion_task(options, merge_bridge.statistics_for(method), index, n)
 
 
 def check_fusion_options(options: dict, method: str) -> None:
     """Refuse at OpenRound what every worker would refuse (a typo, an impossible combination), rather than
     let each of them fail its assignment until the deadline. Workers read the options the same way."""
-    from coldswarm.proto import coldswarm_pb2 as pb
-    from coldswarm.worker.fusion_job import hyperparameters_for
-
     try:
-        hyperparameters_for(pb.FusionTask(**fusion_task(options, method, 0, 1)))
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument(f"fusion round options: {exc}") from None
+        round_options.check_round_options(
+            "fusion",
+            options,
+            codecs=merge_bridge.codec_names(),
+            statistics=merge_bridge.statistics_for(method),
+        )
+    except round_options.RoundOptionsError as exc:
+        raise InvalidArgument(str(exc)) from None

@@ -32,7 +32,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from coldswarm.coordinator.blobs import BlobStore, hash_prefix
+from coldswarm.common.hashing import hash_prefix
+from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.errors import (
     CoordinatorError,
     FailedPrecondition,

@@ -23,11 +23,12 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from coldswarm.coordinator.blobs import BlobStore, fsync_dir
+from coldswarm.common.durable import fsync_dir
+from coldswarm.common.manifest import MANIFEST_NAME
+from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
 from coldswarm.coordinator.store import Store
 
-MANIFEST_NAME = "coldswarm-manifest.json"
 RUN_ID = "default"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
 

@@ -32,14 +32,18 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from coldswarm.common.durable import fsync_dir
+from coldswarm.common.manifest import MANIFEST_NAME
+
 from .errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Files of a base directory that a merged model must not inherit: the weights (rewritten) and
-# pickled weights or the base's own manifest (which describes the base, not the merge).
+# Files of a base directory that a model written from it (a merge; the coordinator's collected pretrain
+# state) must not inherit: the weights (rewritten) and pickled weights or the base's own manifest (which
+# describes the base, not the new model). ModelDirWriter is the one place this is decided.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
-_SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", "coldswarm-manifest.json"}
+_SKIP_FILES = {INDEX_FILE, "pytorch_model.bin.index.json", MANIFEST_NAME}
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -332,31 +336,6 @@ class CheckpointReader:
 
 # ---------------------------------------------------------------------------------------------
 # writing
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """fsync a directory so a rename or a new file in it survives a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

@@ -44,7 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import DTYPE_NAMES, DTYPES, atomic_write_bytes
+from coldswarm.common.durable import atomic_write_bytes
+
+from .checkpoint import DTYPE_NAMES, DTYPES
 from .errors import CodecError, DecodedTooLarge
 
 MAGIC = b"CSWC"

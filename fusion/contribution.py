@@ -43,7 +43,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import SafetensorsFile, SafetensorsWriter, fsync_dir
+from coldswarm.common.durable import fsync_dir
+
+from .checkpoint import SafetensorsFile, SafetensorsWriter
 from .errors import CheckpointError, ContributionError
 
 FORMAT = 1

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coldswarm.common.options import split_known
+
 from .checkpoint import CheckpointReader, ModelDirWriter, dtype_from_name
 from .contribution import Contribution, open_contribution
 from .errors import MergeConfigError
@@ -106,12 +108,9 @@ class MergeOptions:
         if isinstance(options, MergeOptions):
             return options
         options = dict(options or {})
-        own = {f.name for f in dataclasses.fields(cls)} - {"method"}
         method = dict(options.pop("method", None) or {})
-        for k in list(options):
-            if k not in own:
-                method[k] = options.pop(k)
-        return cls(**options, method=method)
+        own, rest = split_known(options, cls)  # the method refuses what is neither its nor ours
+        return cls(**own, method={**method, **rest})
 
 
 def merge_checkpoints(

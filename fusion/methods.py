@@ -23,13 +23,14 @@ Conventions shared by every method:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from coldswarm.common.options import build
 
 from .errors import MergeConfigError, MergeError
 
@@ -442,18 +443,8 @@ class MergeMethod:
     fallback: str | None = None
 
     def make_config(self, options: Mapping[str, Any] | None = None) -> Any:
-        """Build this method's config from a plain mapping, refusing unknown keys."""
-        options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(self.config)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise MergeConfigError(
-                f"method {self.name!r} has no option(s) {unknown}; its options are {sorted(known) or 'none'}"
-            )
-        try:
-            return self.config(**options)
-        except TypeError as e:
-            raise MergeConfigError(f"method {self.name!r}: bad options {options}: {e}") from e
+        """Build this method's config from a plain mapping, refusing unknown keys ("did you mean")."""
+        return build(self.config, options, f"option(s) of method {self.name!r}", MergeConfigError)
 
     def __call__(self, inputs: TensorInputs, config: Any = None) -> Tensor:
         return self.fn(inputs, config if config is not None else self.config())

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from coldswarm.common.options import build
+
 from .errors import MergeConfigError
 
 
@@ -60,10 +62,7 @@ class ScreenConfig:
         if isinstance(value, str):
             return cls(action=value)
         if isinstance(value, Mapping):
-            try:
-                return cls(**value)
-            except TypeError as e:
-                raise MergeConfigError(f"screen: {e}; fields are action, threshold, min_contributions") from e
+            return build(cls, value, "screen option(s)", MergeConfigError)
         raise MergeConfigError(f"screen: expected a mapping or an action name, got {type(value).__name__}")
 
 

@@ -17,6 +17,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from coldswarm.common.durable import fsync_dir, fsync_file
+
 from .corpus import CorpusConfig
 from .tokenizer import (
     SPIECE_FILE,
@@ -27,16 +29,12 @@ from .tokenizer import (
 )
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_tree(path: Path) -> None:
+    """fsync every file of ``path`` and then ``path`` itself, before it is renamed into place."""
     for f in path.iterdir():
         if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_file(f)
+    fsync_dir(path)
 
 
 def build_default_version(
@@ -71,7 +69,7 @@ def build_default_version(
             if f.is_file() and not f.name.startswith("."):
                 shutil.copyfile(f, tmp / f.name)
         assert (tmp / SPIECE_FILE).exists()
-        _fsync_dir(tmp)
+        _fsync_tree(tmp)
         os.replace(tmp, out)
     finally:
         if tmp.exists():

@@ -6,11 +6,10 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
+from coldswarm.common import cli_args
+from coldswarm.worker.config import WorkerConfig
 from coldswarm.worker.progress import setup_logging
-
-DEFAULT_WORK_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "coldswarm" / "worker"
 
 EPILOG = """\
 examples:
@@ -29,89 +28,12 @@ restarted worker resumes where it was.
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="join-swarm",
-        description="Join a coldswarm coordinator as a worker.",
+        description="Join a coldswarm swarm as a worker: train for its coordinator.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--coordinator", required=True, metavar="HOST:PORT", help="the coordinator's gRPC address")
-    p.add_argument(
-        "--token",
-        default=os.environ.get("COLDSWARM_TOKEN"),
-        help="join token from the coordinator's admin (default: $COLDSWARM_TOKEN)",
-    )
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="read the join token from FILE instead (keeps it out of the process list)",
-    )
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="your own data: instruction files (FLAN, Alpaca, ShareGPT or chat JSONL) and pretraining "
-        "text (.txt, .jsonl, .parquet); default: the embedded default tasks and corpus",
-    )
-    p.add_argument(
-        "--strict-data",
-        action="store_true",
-        help="fail an assignment at the first malformed record in --data (default: skip it, logging its "
-        "file and line)",
-    )
-    p.add_argument(
-        "--work-dir",
-        type=Path,
-        default=DEFAULT_WORK_DIR,
-        metavar="DIR",
-        help="cache and state (default: %(default)s)",
-    )
-    p.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train (default: auto)"
-    )
-    p.add_argument("--name", default="", help="label shown to the coordinator's admin (default: host name)")
-    p.add_argument(
-        "--cpu-threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="CPU threads for training (default: torch's choice, every core). On a machine busy with other "
-        "work give fewer than its cores: threads that wait on descheduled siblings make steps many times "
-        "slower",
-    )
-    p.add_argument(
-        "--ca-file", type=Path, default=None, help="CA certificate when the coordinator serves TLS"
-    )
-    p.add_argument("--max-assignments", type=int, default=0, help="exit after N assignments (default: never)")
-    p.add_argument(
-        "--exit-when-idle",
-        type=float,
-        default=0.0,
-        metavar="SECONDS",
-        help="exit after this long with no work offered (default: wait forever)",
-    )
-    p.add_argument(
-        "--swarm-listen",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="where the hivemind peer listens in pretrain rounds, e.g. /ip4/0.0.0.0/tcp/31400 (repeatable)",
-    )
-    p.add_argument(
-        "--swarm-announce",
-        action="append",
-        default=[],
-        metavar="MULTIADDR",
-        help="address other peers should dial, e.g. /ip4/<public ip>/tcp/31400 behind NAT (repeatable)",
-    )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument(
-        "--log-format",
-        default="auto",
-        choices=["auto", "plain", "json"],
-        help="auto: human with progress bars on a terminal, JSON lines otherwise",
-    )
+    # One flag per WorkerConfig field, with the field's help (the help texts say their defaults in words).
+    cli_args.add_arguments(p, WorkerConfig, show_defaults=False)
     return p
 
 
@@ -139,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.data is not None and not args.data.is_dir():
-        print(f"join-swarm: --data {args.data} is not a directory", file=sys.stderr)
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        print(f"join-swarm: --data {args.data_dir} is not a directory", file=sys.stderr)
         return 2
 
     if args.cpu_threads is not None:
@@ -149,22 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         limit_cpu_threads(args.cpu_threads)
 
-    from coldswarm.worker.daemon import Worker, WorkerConfig
+    from coldswarm.worker.daemon import Worker
 
-    config = WorkerConfig(
-        coordinator=args.coordinator,
-        token=args.token,
-        work_dir=args.work_dir,
-        data_dir=args.data,
-        device=args.device,
-        name=args.name,
-        ca_file=args.ca_file,
-        max_assignments=args.max_assignments,
-        exit_when_idle_s=args.exit_when_idle,
-        swarm_host_maddrs=args.swarm_listen,
-        swarm_announce_maddrs=args.swarm_announce,
-        strict_data=args.strict_data,
-    )
+    config = cli_args.from_args(WorkerConfig, args)
     try:
         worker = Worker(config)
     except ValueError as exc:

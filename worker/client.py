@@ -1,9 +1,10 @@
 """The worker's connection to the coordinator: auth metadata, TLS, and retries.
 
 Every call goes through :meth:`CoordinatorClient.call`, which retries the
-failures that mean "the coordinator is away" (UNAVAILABLE, DEADLINE_EXCEEDED)
-with exponential backoff and jitter until it answers or the worker is told to
-stop, and raises everything else (a refusal is an answer, not an outage).
+failures that mean "the coordinator is away" (:data:`coldswarm.common.rpc_errors.AWAY`:
+UNAVAILABLE, DEADLINE_EXCEEDED) with exponential backoff and jitter until it
+answers or the worker is told to stop, and raises everything else (a refusal is
+an answer, not an outage).
 """
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ from pathlib import Path
 
 import grpc
 
-from coldswarm.coordinator.client import bearer, open_channel
+from coldswarm.common.channel import bearer, open_channel
+from coldswarm.common.rpc_errors import is_away, status_code
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 from coldswarm.worker.backoff import Backoff
 
 log = logging.getLogger(__name__)
-
-TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 
 class Stopped(Exception):
@@ -69,9 +69,9 @@ class CoordinatorClient:
                 self.backoff.reset()
                 return result
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
-                if not retry or code not in TRANSIENT:
+                if not retry or not is_away(exc):
                     raise
+                code = status_code(exc)
                 delay = self.backoff.next_delay()
                 log.warning(
                     "coordinator %s unreachable for %s (%s); retrying in %.1fs",
@@ -89,10 +89,3 @@ class CoordinatorClient:
 
     def close(self) -> None:
         self.channel.close()
-
-
-def rpc_message(exc: grpc.RpcError) -> str:
-    """``CODE: details`` for a log line or an error a person reads."""
-    code = exc.code() if hasattr(exc, "code") else None
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    return f"{code.name if code else 'ERROR'}: {details}"

@@ -24,21 +24,23 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
 
+from coldswarm.common.durable import write_private
+from coldswarm.common.rpc_errors import rpc_message
+from coldswarm.common.signals import install_stop_handler
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.backoff import Backoff
 from coldswarm.worker.capabilities import detect_capabilities, measure_bandwidth, resolve_device
-from coldswarm.worker.client import CoordinatorClient, Stopped, rpc_message
+from coldswarm.worker.client import CoordinatorClient, Stopped
+from coldswarm.worker.config import WorkerConfig
 from coldswarm.worker.downloads import VersionCache
 from coldswarm.worker.jobs import Cancelled, JobContext, JobResult
 from coldswarm.worker.progress import Progress, byte_bar, interactive
-from coldswarm.worker.session import Session, load_session, save_session, write_private
-from coldswarm.worker.signals import install_stop_handler
+from coldswarm.worker.session import Session, load_session, save_session
 from coldswarm.worker.uploads import upload_contribution
 
 log = logging.getLogger("coldswarm.worker")
@@ -54,36 +56,6 @@ FINAL_UPLOAD_CODES = frozenset(
         grpc.StatusCode.PERMISSION_DENIED,
     }
 )
-
-
-@dataclass
-class WorkerConfig:
-    """How a volunteer runs ``join-swarm``; every field is a command-line flag."""
-
-    coordinator: str
-    """HOST:PORT of the coordinator's gRPC service."""
-    token: str
-    """Join token minted by the coordinator's admin (``coldswarm-admin tokens create``)."""
-    work_dir: Path
-    """Cache of versions, the saved session and unfinished uploads."""
-    data_dir: Path | None = None
-    """Your own data for instruction shards and pretraining; None uses the embedded default."""
-    device: str = "auto"
-    """auto, cpu or cuda."""
-    name: str = ""
-    """A label shown to the coordinator's admin (default: the host name)."""
-    ca_file: Path | None = None
-    """CA certificate for a coordinator serving TLS."""
-    max_assignments: int = 0
-    """Exit after this many assignments (0: run until stopped)."""
-    exit_when_idle_s: float = 0.0
-    """Exit after this long with no work offered (0: wait for work forever)."""
-    swarm_host_maddrs: list[str] = field(default_factory=list)
-    """Multiaddrs this worker's hivemind peer listens on in pretrain rounds."""
-    swarm_announce_maddrs: list[str] = field(default_factory=list)
-    """Multiaddrs other peers should dial (a public address behind NAT)."""
-    strict_data: bool = False
-    """Fail an assignment at the first malformed record of ``data_dir`` instead of skipping it."""
 
 
 class Worker:

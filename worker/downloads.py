@@ -22,14 +22,10 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from coldswarm.coordinator.client import (
-    MANIFEST_NAME,
-    DownloadError,
-    fetch_file,
-    fsync_dir,
-    safe_relpath,
-    sha256_file,
-)
+from coldswarm.common.durable import fsync_dir
+from coldswarm.common.fetch import DownloadError, fetch_file, safe_relpath
+from coldswarm.common.hashing import sha256_file
+from coldswarm.common.manifest import MANIFEST_NAME
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.client import CoordinatorClient
 

@@ -2,7 +2,9 @@
 
 The fusion job (:mod:`coldswarm.worker.fusion_job`) and the fusion-quality
 benchmark both call :func:`attach_adapter` and :func:`train`, so what the
-benchmark measures is what volunteers run.
+benchmark measures is what volunteers run. The hyperparameters are the round's
+options (:class:`coldswarm.common.round_options.FusionHyperparameters`, which the
+coordinator also checks at OpenRound).
 
 Tuning: LoRA (the default) trains ~1-2% of a T5's weights and gives the merge a
 low-rank delta; raise ``lora_r`` for more capacity, ``lr`` around 1e-3 suits it.
@@ -13,94 +15,19 @@ largest contribution.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-from coldswarm.fusion.codecs import get_codec
+from coldswarm.common.round_options import FusionHyperparameters
 from coldswarm.worker.devices import autocast, make_optimizer
 
 # T5 module names (attention q/k/v/o and the gated FFN wi_0/wi_1/wo).
 T5_LORA_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]
 T5_IA3_TARGETS = ["k", "v", "wo"]
 T5_IA3_FEEDFORWARD = ["wo"]
-
-
-def _h(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class FusionHyperparameters:
-    """Hyperparameters of a fusion (instruction-shard) assignment; the round's options set them."""
-
-    peft_method: str = field(default="lora", metadata=_h("lora, ia3 or full"))
-    steps: int = field(default=60, metadata=_h("optimizer steps"))
-    batch_size: int = field(default=16, metadata=_h("examples per step"))
-    lr: float = field(default=0.0, metadata=_h("learning rate; 0 picks the method's default"))
-    weight_decay: float = field(default=0.0, metadata=_h("AdamW weight decay"))
-    warmup_steps: int = field(default=5, metadata=_h("linear warm-up steps"))
-    max_input_length: int = field(default=128, metadata=_h("inputs are truncated to this many tokens"))
-    max_target_length: int = field(default=32, metadata=_h("targets are truncated to this many tokens"))
-    lora_r: int = field(default=8, metadata=_h("LoRA rank"))
-    lora_alpha: int = field(default=16, metadata=_h("LoRA scaling numerator (scale = alpha / r)"))
-    lora_dropout: float = field(default=0.0, metadata=_h("dropout on the LoRA path"))
-    target_modules: list[str] = field(
-        default_factory=list, metadata=_h("modules to adapt; empty: all T5 ones")
-    )
-    load_in_4bit: bool = field(default=False, metadata=_h("QLoRA: load the base in 4-bit NF4 (CUDA only)"))
-    statistics: list[str] = field(default_factory=list, metadata=_h("fisher and/or regmean"))
-    fisher_examples: int = field(default=64, metadata=_h("examples the diagonal Fisher is averaged over"))
-    fisher_kind: str = field(default="expected", metadata=_h("expected (sampled targets) or empirical"))
-    regmean_batches: int = field(
-        default=8, metadata=_h("batches the RegMean Gram matrices are averaged over")
-    )
-    eval_examples: int = field(default=64, metadata=_h("validation examples scored before and after"))
-    codec: str = field(default="zstd", metadata=_h("codec the payload is encoded with"))
-    seed: int = field(default=0, metadata=_h("seed for shuffling and dropout"))
-
-    @classmethod
-    def from_options(cls, options: dict) -> FusionHyperparameters:
-        """Build from a round's options, refusing names it does not know (a typo must not be ignored)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown fusion hyperparameter(s) {unknown}; known: {sorted(known)}")
-        hp = cls(**options)
-        if hp.peft_method not in ("lora", "ia3", "full"):
-            raise ValueError(f"peft_method must be lora, ia3 or full, not {hp.peft_method!r}")
-        if hp.steps < 1 or hp.batch_size < 1:
-            raise ValueError("steps and batch_size must be at least 1")
-        if hp.fisher_kind not in ("expected", "empirical"):
-            raise ValueError(f"fisher_kind must be expected or empirical, not {hp.fisher_kind!r}")
-        unknown_stats = sorted(set(hp.statistics) - {"fisher", "regmean"})
-        if unknown_stats:
-            raise ValueError(f"unknown statistics {unknown_stats}: the worker collects fisher and regmean")
-        get_codec(hp.codec)  # an unknown codec fails here, before any training (CodecError names the choices)
-        if hp.load_in_4bit and hp.peft_method == "full":
-            raise ValueError(
-                "4-bit weights cannot be finetuned directly: use peft_method lora (QLoRA) or ia3"
-            )
-        if hp.load_in_4bit and "fisher" in hp.statistics:
-            raise ValueError(
-                "a diagonal Fisher needs floating-point merged weights, which a 4-bit base (load_in_4bit) "
-                "does not have: merge QLoRA rounds with regmean, average, task_arithmetic or ties"
-            )
-        if not hp.lr:
-            hp.lr = {"lora": 1e-3, "ia3": 5e-3, "full": 3e-4}[hp.peft_method]
-        return hp
-
-    @classmethod
-    def from_json(cls, text: str) -> FusionHyperparameters:
-        options = json.loads(text) if text else {}
-        if not isinstance(options, dict):
-            raise ValueError("fusion hyperparameters must be a JSON object")
-        return cls.from_options(options)
 
 
 def attach_adapter(model, hp: FusionHyperparameters):

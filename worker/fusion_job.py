@@ -17,13 +17,13 @@ Steps (each ends at a step boundary where a stop request is honoured):
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
+from coldswarm.common.round_options import FusionHyperparameters, fusion_hyperparameters
 from coldswarm.fusion import codecs
 from coldswarm.fusion.checkpoint import CheckpointReader
 from coldswarm.fusion.contribution import ContributionMeta, from_peft_model, save_contribution
@@ -34,24 +34,16 @@ from coldswarm.lm.evaluate import EvalConfig, score_records
 from coldswarm.lm.tokenizer import load_tokenizer
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.devices import load_seq2seq
-from coldswarm.worker.finetune import FusionHyperparameters, attach_adapter, train
+from coldswarm.worker.finetune import attach_adapter, train
 from coldswarm.worker.jobs import JobContext, JobResult
 
 log = logging.getLogger(__name__)
 
 
 def hyperparameters_for(task: pb.FusionTask) -> FusionHyperparameters:
-    """The round's hyperparameters, with the task's own fields taking precedence."""
-    options = json.loads(task.hyperparameters_json) if task.hyperparameters_json else {}
-    if not isinstance(options, dict):
-        raise ValueError("the round's hyperparameters must be a JSON object")
-    if task.peft_method:
-        options["peft_method"] = task.peft_method
-    if task.statistics:
-        options["statistics"] = list(task.statistics)
-    if task.codec:
-        options["codec"] = task.codec
-    return FusionHyperparameters.from_options(options)
+    """The round's hyperparameters, with the task's own fields taking precedence (read as the coordinator
+    checked them at OpenRound: :func:`coldswarm.common.round_options.fusion_hyperparameters`)."""
+    return fusion_hyperparameters(task, codecs=codecs.CODECS)
 
 
 def adapted_modules(peft_model) -> set[str]:

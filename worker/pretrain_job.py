@@ -10,20 +10,19 @@ checkpointer announces it has collected it (or ``serve_state_timeout_s``
 passes).
 
 Round options (``PretrainTask.hyperparameters_json``) take the
-:class:`PretrainDataOptions` fields below plus any :class:`SwarmConfig` field
-(``lr``, ``matchmaking_time``, ``averaging_timeout``, ``grad_compression``, ...).
+:class:`~coldswarm.common.round_options.PretrainDataOptions` fields plus any
+:class:`SwarmConfig` field (``lr``, ``matchmaking_time``, ``averaging_timeout``,
+``grad_compression``, ...); a name that is neither is refused.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 
+from coldswarm.common.round_options import PretrainDataOptions, pretrain_hyperparameters
 from coldswarm.lm.batching import mod_batches
 from coldswarm.lm.data import resolve_shard
 from coldswarm.lm.mod import MoDConfig
@@ -36,28 +35,9 @@ from coldswarm.worker.swarm import SwarmConfig, SwarmProgress, SwarmTrainer
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class PretrainDataOptions:
-    """The data side of a pretrain round's options."""
-
-    batch_size: int = field(default=8, metadata={"help": "MoD examples per local step"})
-    inputs_length: int = field(default=128, metadata={"help": "encoder length of MoD examples"})
-    serve_state_timeout_s: float = field(
-        default=180.0, metadata={"help": "after training, wait this long for the checkpointer to collect"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of the MoD collator (masks, denoiser choice)"})
-
-
 def split_options(task: pb.PretrainTask) -> tuple[PretrainDataOptions, dict]:
-    """Data options for this module; everything else goes to :class:`SwarmConfig` (which refuses unknown keys)."""
-    options = json.loads(task.hyperparameters_json) if task.hyperparameters_json else {}
-    if not isinstance(options, dict):
-        raise ValueError("the round's hyperparameters must be a JSON object")
-    names = {f.name for f in dataclasses.fields(PretrainDataOptions)}
-    data = PretrainDataOptions(**{k: v for k, v in options.items() if k in names})
-    # The round's own fields are PretrainTask's (run_id, epochs, ...); keep them out of the swarm options.
-    swarm = {k: v for k, v in options.items() if k not in names and k not in ("epochs", "target_batch_size")}
-    return data, swarm
+    """Data options for this module; everything else goes to :class:`SwarmConfig` (unknown keys refused)."""
+    return pretrain_hyperparameters(task.hyperparameters_json, swarm_fields=SwarmConfig.__dataclass_fields__)
 
 
 def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:

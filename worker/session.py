@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from coldswarm.common.durable import write_private
 
 
 @dataclass
@@ -18,22 +18,6 @@ class Session:
     dht_initial_peers: list[str]
     bandwidth_bytes_per_s: float = 0.0
     """Measured after registering; sent with the next registration's capabilities."""
-
-
-def write_private(path: Path, text: str) -> None:
-    """Atomically write ``text`` to ``path`` with mode 0600 from the first byte on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_session(path: Path, coordinator: str) -> Session | None:

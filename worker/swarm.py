@@ -28,9 +28,11 @@ Usage (what the worker daemon does)::
         trainer.serve_state(timeout=120)       # let the coordinator's checkpointer download the final state
     # leaving the `with` block shuts the peer down cleanly (says goodbye, releases ports)
 
-The coordinator side (bootstrap DHT peer + checkpointer) is ``coldswarm.coordinator.checkpointer``. The two
-agree on :func:`swarm_parameters` (which tensors are trained and in what order) and on the DHT keys named
-by :func:`metrics_key` and :func:`collected_key`.
+The coordinator side (bootstrap DHT peer + checkpointer) is the coordinator's ``checkpointer`` module. The
+two speak the protocol in :mod:`coldswarm.swarm`: which tensors are trained and in what order
+(:func:`~coldswarm.swarm.parameters.swarm_parameters`), the DHT keys and their typed records
+(:mod:`coldswarm.swarm.records`), and the averaging codecs. The optimizer and its schedule are built in
+:mod:`coldswarm.worker.optimizers`.
 
 Tuning
 ------
@@ -41,7 +43,7 @@ Tuning
   internet. Must exceed ``request_timeout`` (hivemind warns about deadlocks otherwise; checked here).
 * ``averaging_timeout``: give up on a round (and use local gradients) after this long; ~2x the time an
   all-reduce actually takes. It bounds how long a vanished peer can stall the others.
-* ``grad_compression`` / ``state_compression``: see :mod:`coldswarm.worker.compression` (8-bit gradients
+* ``grad_compression`` / ``state_compression``: see :mod:`coldswarm.swarm.averaging_codecs` (8-bit gradients
   and fp16 state by default; ``size_threshold`` keeps small tensors in fp16).
 """
 
@@ -58,23 +60,24 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from coldswarm.worker.compression import make_compression, register_safe_codecs
-from coldswarm.worker.signals import preserve_sigint
+from coldswarm.common.options import refuse_unknown
+from coldswarm.swarm.averaging_codecs import make_compression, register_safe_codecs
+from coldswarm.swarm.dht import start_dht
+from coldswarm.swarm.parameters import swarm_parameters
+from coldswarm.swarm.records import (
+    ENDED_UNCOLLECTED,
+    collected_epoch,
+    collected_key,
+    metrics_key,
+    metrics_record,
+    run_validator,
+)
+from coldswarm.swarm.sigint import preserve_sigint
+from coldswarm.worker.optimizers import optimizer_factory, scheduler_factory
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "SwarmConfig",
-    "SwarmProgress",
-    "SwarmResult",
-    "SwarmTrainer",
-    "collected_key",
-    "metrics_key",
-    "start_dht",
-    "swarm_parameters",
-]
-
-LOOPBACK_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
+__all__ = ["SwarmConfig", "SwarmProgress", "SwarmResult", "SwarmTrainer"]
 
 
 @dataclass
@@ -137,7 +140,7 @@ class SwarmConfig:
     )
     grad_compression: str = field(
         default="uniform8bit",
-        metadata={"help": "codec for gradient all-reduce (see worker.compression.CODECS)"},
+        metadata={"help": "codec for gradient all-reduce (see swarm.averaging_codecs.AVERAGING_CODECS)"},
     )
     state_compression: str = field(default="fp16", metadata={"help": "codec for parameter averaging"})
     load_state_compression: str = field(
@@ -188,10 +191,9 @@ class SwarmConfig:
             target_batch_size=int(task.target_batch_size) or 256,
             max_epochs=int(task.epochs) or None,
         )
-        known = {f for f in cls.__dataclass_fields__}
-        for key, value in dict(hyperparameters or {}).items():
-            if key not in known:
-                raise ValueError(f"unknown pretrain hyperparameter {key!r}")
+        hyperparameters = dict(hyperparameters or {})
+        refuse_unknown(hyperparameters, cls.__dataclass_fields__, "pretrain hyperparameter(s)")
+        for key, value in hyperparameters.items():
             kwargs[key] = tuple(value) if key == "betas" else value
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -231,97 +233,6 @@ class SwarmResult:
 
     def as_metrics(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items() if k != "reason"}
-
-
-def swarm_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The tensors the swarm trains and averages, in the order hivemind sees them.
-
-    Trainable parameters in ``named_parameters()`` order, tied weights once (T5's shared embedding and LM head).
-    The checkpointer maps downloaded tensors back to names with this same function, so keep it the one place
-    that decides.
-    """
-    return [(name, param) for name, param in model.named_parameters() if param.requires_grad]
-
-
-def metrics_key(run_id: str) -> str:
-    """DHT key under which each peer publishes its metrics (subkey: its peer id)."""
-    return f"{run_id}_coldswarm_metrics"
-
-
-#: the value of :func:`collected_key` when the round ended without a collection (cancelled, failed)
-ENDED_UNCOLLECTED = -1
-
-
-def collected_key(run_id: str) -> str:
-    """DHT key the checkpointer sets once it holds the round's final state (value: the epoch it collected),
-    or to :data:`ENDED_UNCOLLECTED` when the round ended without one: either way peers may leave."""
-    return f"{run_id}_coldswarm_collected"
-
-
-def start_dht(
-    initial_peers: Iterable[str] = (),
-    host_maddrs: Iterable[str] = LOOPBACK_MADDRS,
-    announce_maddrs: Iterable[str] = (),
-    client_mode: bool = False,
-    **kwargs,
-):
-    """Start a hivemind DHT peer (a background process plus its p2p daemon). ``kwargs`` go to ``hivemind.DHT``
-    (e.g. ``identity_path`` for a peer id that survives restarts)."""
-    from coldswarm.worker.dht_process import ResilientDHT
-
-    register_safe_codecs()
-    return ResilientDHT(
-        initial_peers=list(initial_peers),
-        host_maddrs=list(host_maddrs),
-        announce_maddrs=list(announce_maddrs) or None,
-        client_mode=client_mode,
-        start=True,
-        **kwargs,
-    )
-
-
-def _optimizer_factory(config: SwarmConfig) -> Callable:
-    name = config.optimizer.lower()
-    if name == "adamw":
-        cls, kwargs = (
-            torch.optim.AdamW,
-            dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay),
-        )
-    elif name == "adam":
-        cls, kwargs = torch.optim.Adam, dict(lr=config.lr, betas=config.betas)
-    elif name == "sgd":
-        cls, kwargs = torch.optim.SGD, dict(lr=config.lr, momentum=config.momentum)
-    elif name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        cls, kwargs = Adafactor, dict(lr=config.lr, scale_parameter=False, relative_step=False)
-    else:
-        raise ValueError(f"unknown optimizer {config.optimizer!r}: adamw | adam | sgd | adafactor")
-
-    max_norm = config.max_grad_norm
-    if max_norm:
-        # Clip inside the wrapped optimizer's step: hivemind calls it with the *averaged* gradients, which is
-        # what clipping should see (clipping each peer's local micro-batches would not be equivalent).
-        base = cls
-
-        class _Clipped(base):  # type: ignore[misc, valid-type]
-            def step(self, closure=None):
-                params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-                torch.nn.utils.clip_grad_norm_(params, max_norm)
-                return super().step(closure)
-
-        cls = _Clipped
-    return lambda params: cls(params, **kwargs)
-
-
-def _scheduler_factory(config: SwarmConfig) -> Callable | None:
-    if config.warmup_epochs <= 0:
-        return None
-    warmup = config.warmup_epochs
-    # hivemind steps the scheduler once per *global* epoch (and catches it up for late joiners).
-    return lambda opt: torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda epoch: min(1.0, (epoch + 1) / (warmup + 1))
-    )
 
 
 def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
@@ -401,6 +312,7 @@ class SwarmTrainer:
         self.model.to(cfg.device)
         if self.dht is None:
             self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode)
+        self.dht.add_validators([run_validator(cfg.run_id)])  # this peer stores only well-formed run records
         params = [param for _, param in swarm_parameters(self.model)]
         with preserve_sigint():
             self.optimizer = self._make_optimizer(Optimizer, params)
@@ -418,8 +330,8 @@ class SwarmTrainer:
             target_batch_size=cfg.target_batch_size,
             batch_size_per_step=cfg.batch_size_per_step,
             params=params,
-            optimizer=_optimizer_factory(cfg),
-            scheduler=_scheduler_factory(cfg),
+            optimizer=optimizer_factory(cfg),
+            scheduler=scheduler_factory(cfg),
             matchmaking_time=cfg.matchmaking_time,
             averaging_timeout=cfg.averaging_timeout,
             load_state_timeout=cfg.load_state_timeout,
@@ -602,24 +514,22 @@ class SwarmTrainer:
         until the checkpointer announces it collected this round (returns True) or that the round ended
         without a collection (False), or ``timeout`` passes (False), or ``until`` is set (default: :meth:`stop`
         was called; pass another event to serve after a stop)."""
-        from hivemind.utils import ValueWithExpiration
-
         self._require_started()
         until = self._stop if until is None else until
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not until.is_set():
-            found = self.dht.get(collected_key(self.config.run_id), latest=True)
-            if isinstance(found, ValueWithExpiration) and found.value is not None:
-                return found.value != ENDED_UNCOLLECTED
+            collected = collected_epoch(self.dht.get(collected_key(self.config.run_id), latest=True))
+            if collected is not None:
+                return collected != ENDED_UNCOLLECTED
             until.wait(poll)
         return False
 
     # -- metrics on the DHT -------------------------------------------------------------------------------
 
     def _publish_metrics(self, force: bool = False) -> None:
-        """Publish steps/samples/loss under metrics_key(run_id) so the checkpointer can report the swarm's
-        loss and samples. Non-blocking unless ``force``; a record outlives the peer (1 h) so a round's totals
-        count peers that left."""
+        """Publish this peer's :class:`~coldswarm.swarm.records.PeerMetrics` under metrics_key(run_id) so the
+        checkpointer can report the swarm's loss and samples. Non-blocking unless ``force``; a record outlives
+        the peer (1 h) so a round's totals count peers that left."""
         if self.optimizer is None or self.dht is None:
             return
         now = time.monotonic()
@@ -628,13 +538,13 @@ class SwarmTrainer:
         self._last_metrics_time = now
         from hivemind.utils import get_dht_time
 
-        value = dict(
-            epoch=int(self.optimizer.local_epoch),
-            steps=int(self._steps),
-            samples=int(self._samples),
-            loss=float(self._mean_loss()) if self._losses else None,
-            samples_per_s=float(self.optimizer.tracker.performance_ema.samples_per_second),
-            time=float(get_dht_time()),
+        value = metrics_record(
+            epoch=self.optimizer.local_epoch,
+            steps=self._steps,
+            samples=self._samples,
+            loss=self._mean_loss(),
+            samples_per_s=self.optimizer.tracker.performance_ema.samples_per_second,
+            time=get_dht_time(),
         )
         stored = self.dht.store(
             metrics_key(self.config.run_id),

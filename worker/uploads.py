@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from coldswarm.coordinator.client import sha256_file
+from coldswarm.common.hashing import sha256_file
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.client import CoordinatorClient
 

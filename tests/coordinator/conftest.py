@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from coldswarm.coordinator.client import bearer, open_channel
+from coldswarm.common.channel import bearer, open_channel
 from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.server import RunningServer, start_server
 from coldswarm.proto import coldswarm_pb2 as pb

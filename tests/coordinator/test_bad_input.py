@@ -14,7 +14,7 @@ import grpc
 import pytest
 import torch
 
-from coldswarm.coordinator.client import bearer
+from coldswarm.common.channel import bearer
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 

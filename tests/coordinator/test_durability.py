@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 
-from coldswarm.coordinator.client import bearer, open_channel
+from coldswarm.common.channel import bearer, open_channel
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 

@@ -190,8 +190,8 @@ def test_health_and_reflection(harness):
 
 
 def test_join_token_file_and_health_subcommand(make_harness, tmp_path, capsys):
+    from coldswarm.common.channel import bearer
     from coldswarm.coordinator import cli
-    from coldswarm.coordinator.client import bearer
 
     token_file = tmp_path / "join.token"
     h = make_harness(join_token_file=token_file)

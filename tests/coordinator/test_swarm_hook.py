@@ -36,7 +36,8 @@ def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
     # A cancelled round too: its peers serving state are told on the DHT that nothing will be collected.
     cancelled = h.admin.OpenRound(pb.OpenRoundRequest(kind="pretrain"), metadata=h.amd)
     assert h.admin.CloseRound(pb.CloseRoundRequest(cancel=True), metadata=h.amd).state == "cancelled"
-    from coldswarm.worker.swarm import ENDED_UNCOLLECTED, collected_key, start_dht
+    from coldswarm.swarm.dht import start_dht
+    from coldswarm.swarm.records import ENDED_UNCOLLECTED, collected_key
 
     peer = start_dht(initial_peers=peers, client_mode=True)
     try:
@@ -52,6 +53,6 @@ def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
 
 
 def _join(h):
-    from coldswarm.coordinator.client import bearer
+    from coldswarm.common.channel import bearer
 
     return bearer(h.join_token())

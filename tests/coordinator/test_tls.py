@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from coldswarm.common.channel import bearer, open_channel
 from coldswarm.coordinator import admin_cli
-from coldswarm.coordinator.client import bearer, open_channel
 from coldswarm.coordinator.server import start_server
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc

@@ -102,7 +102,7 @@ def test_fisher_normalisation_and_method_options(tmp_path):
         tmp_path / "base", paths, "fisher", {"normalize": True, "eps": 1e-8}, tmp_path / "o"
     )
     assert r["method_options"] == {"eps": 1e-8, "normalize": True}
-    with pytest.raises(MergeConfigError, match="no option"):
+    with pytest.raises(MergeConfigError, match="unknown option"):
         merge_checkpoints(tmp_path / "base", paths, "fisher", {"density": 0.2}, tmp_path / "o2")
     with pytest.raises(MergeConfigError, match="choose one of"):
         merge_checkpoints(tmp_path / "base", paths, "fishr", {}, tmp_path / "o2")

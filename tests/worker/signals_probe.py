@@ -12,8 +12,8 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 
 from coldswarm.coordinator.checkpointer import _state_downloader_class
-from coldswarm.worker.signals import preserve_sigint
-from coldswarm.worker.swarm import start_dht
+from coldswarm.swarm.dht import start_dht
+from coldswarm.swarm.sigint import preserve_sigint
 
 
 def ours(signum, frame):

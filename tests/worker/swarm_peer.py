@@ -28,7 +28,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import T5Config, T5ForConditionalGeneration
 
-from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer, swarm_parameters
+from coldswarm.swarm.parameters import swarm_parameters
+from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer
 
 VOCAB = 256
 

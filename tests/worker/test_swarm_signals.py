@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coldswarm.worker.signals import install_stop_handler
+from coldswarm.common.signals import install_stop_handler
 
 PROBE = Path(__file__).with_name("signals_probe.py")
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from coldswarm.worker.finetune import FusionHyperparameters, attach_adapter, lr_at, mean_loss, train
+from coldswarm.common.round_options import FusionHyperparameters
+from coldswarm.worker.finetune import attach_adapter, lr_at, mean_loss, train
 from coldswarm.worker.jobs import Cancelled
 
 

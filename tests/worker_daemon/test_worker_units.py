@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from coldswarm.coordinator.client import DownloadError, safe_relpath
+from coldswarm.common.fetch import DownloadError, safe_relpath
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.backoff import Backoff
 from coldswarm.worker.capabilities import resolve_device

@@ -13,7 +13,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from coldswarm.coordinator.client import bearer, open_channel, sha256_file
+from coldswarm.common.channel import bearer, open_channel
+from coldswarm.common.hashing import sha256_file
 from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.server import start_server
 from coldswarm.lm.default import build_default_version

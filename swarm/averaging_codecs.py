@@ -1,4 +1,7 @@
-"""Compression for hivemind averaging: numpy-safe 8-bit codecs and the codec table the swarm uses.
+"""Compression for hivemind averaging: numpy-safe 8-bit codecs and the codec registry the swarm uses.
+
+Not to be confused with :data:`coldswarm.fusion.codecs.CODECS`, which encodes whole files (contributions)
+for upload; these compress tensors inside hivemind's all-reduce and state averaging.
 
 Why this module exists
 ----------------------
@@ -15,12 +18,13 @@ not by the codec object a peer was configured with; the all-reduce reducer also 
 deltas through that registry. :func:`register_safe_codecs` therefore swaps the registry's 8-bit entries for
 subclasses whose ``extract`` reads the header with ``.item()``. The bytes on the wire are unchanged, so
 patched peers interoperate with stock hivemind peers. The swap must happen before the averagers fork
-their background processes; :class:`coldswarm.worker.swarm.SwarmTrainer` and the coordinator's
-checkpointer call it first thing, and importing this module calls it too.
+their background processes; the worker's ``SwarmTrainer``, :func:`coldswarm.swarm.dht.start_dht` and the
+coordinator's checkpointer call it first thing, and importing this module calls it too.
 
 Codec names (the ``grad_compression`` / ``state_compression`` config keys)
 -----------------------------------------------------------------------
-``CODECS`` maps a config name to a factory ``(size_threshold) -> CompressionBase``:
+:data:`AVERAGING_CODECS` maps a config name to an :class:`AveragingCodec` (its factory
+``(size_threshold) -> CompressionBase``, bits per value, a summary and its source):
 
 ================  ==========================================================================  ======
 name              what                                                                        bits
@@ -41,6 +45,7 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -60,7 +65,8 @@ from hivemind.compression.quantization import average_buckets
 from hivemind.proto import runtime_pb2
 
 __all__ = [
-    "CODECS",
+    "AVERAGING_CODECS",
+    "AveragingCodec",
     "ByteCountingCompression",
     "SafeBlockwiseQuantization",
     "SafeQuantile8BitQuantization",
@@ -170,23 +176,50 @@ def _adaptive(large: CompressionBase, size_threshold: int) -> CompressionBase:
     return SizeAdaptiveCompression(threshold=size_threshold, less=Float16Compression(), greater_equal=large)
 
 
-CODECS: dict[str, Callable[[int], CompressionBase]] = {
-    "none": lambda size_threshold: NoCompression(),
-    "fp16": lambda size_threshold: Float16Compression(),
-    "scaled_fp16": lambda size_threshold: ScaledFloat16Compression(),
-    "uniform8bit": lambda size_threshold: _adaptive(SafeUniform8BitQuantization(), size_threshold),
-    "blockwise8bit": lambda size_threshold: _adaptive(SafeBlockwiseQuantization(), size_threshold),
-}
+@dataclass(frozen=True)
+class AveragingCodec:
+    """One registry entry: the config key, how to build it, and where it comes from."""
+
+    name: str
+    #: ``(size_threshold) -> CompressionBase``; tensors with fewer values than the threshold go fp16
+    make: Callable[[int], CompressionBase]
+    bits: int
+    summary: str
+    source: str
+
+
+_HIVEMIND_COMPRESSION = "https://github.com/learning-at-home/hivemind/tree/1.1.12/hivemind/compression"
+
+AVERAGING_CODECS: dict[str, AveragingCodec] = {
+    c.name: c
+    for c in [
+        AveragingCodec("none", lambda size_threshold: NoCompression(), 32,
+                       "fp32 as is (hivemind NoCompression)", f"{_HIVEMIND_COMPRESSION}/base.py"),
+        AveragingCodec("fp16", lambda size_threshold: Float16Compression(), 16,
+                       "cast to float16 (hivemind Float16Compression)", f"{_HIVEMIND_COMPRESSION}/floating.py"),
+        AveragingCodec("scaled_fp16", lambda size_threshold: ScaledFloat16Compression(), 16,
+                       "mean/std-normalised float16 over the last axis (hivemind ScaledFloat16Compression)",
+                       f"{_HIVEMIND_COMPRESSION}/floating.py"),
+        AveragingCodec("uniform8bit", lambda size_threshold: _adaptive(SafeUniform8BitQuantization(), size_threshold), 8,
+                       "8-bit uniform quantisation over +-3 sigma with a 256-entry codebook; small tensors fp16 "
+                       "(the mix hivemind's ALBERT example uses)",
+                       "https://github.com/learning-at-home/hivemind/tree/1.1.12/examples/albert"),
+        AveragingCodec("blockwise8bit", lambda size_threshold: _adaptive(SafeBlockwiseQuantization(), size_threshold), 8,
+                       "bitsandbytes dynamic blockwise 8-bit (Dettmers et al. 2022); small tensors fp16",
+                       "https://arxiv.org/abs/2110.02861"),
+    ]
+}  # fmt: skip
 
 
 def make_compression(name: str, size_threshold: int = 2**12) -> CompressionBase:
-    """The hivemind compression for a config name in :data:`CODECS` (registers the safe codecs first)."""
+    """The hivemind compression for a config name in :data:`AVERAGING_CODECS` (registers the safe codecs
+    first)."""
     register_safe_codecs()
     try:
-        factory = CODECS[name]
+        codec = AVERAGING_CODECS[name]
     except KeyError:
-        raise ValueError(f"unknown compression {name!r}; choose one of {sorted(CODECS)}") from None
-    return factory(size_threshold)
+        raise ValueError(f"unknown compression {name!r}; choose one of {sorted(AVERAGING_CODECS)}") from None
+    return codec.make(size_threshold)
 
 
 class ByteCountingCompression(CompressionBase):

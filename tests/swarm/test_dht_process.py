@@ -1,4 +1,4 @@
-"""The DHT process outlives requesters that exit before it reads their requests (coldswarm.worker.dht_process)."""
+"""The DHT process outlives requesters that exit before it reads their requests (coldswarm.swarm.dht)."""
 
 import multiprocessing
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from coldswarm.worker.dht_process import DROPPED, ResilientDHT, _RequestPipe
+from coldswarm.swarm.dht import DROPPED, ResilientDHT, _RequestPipe
 
 CHURN_PROBE = Path(__file__).with_name("dht_churn_probe.py")
 

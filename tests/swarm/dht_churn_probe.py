@@ -10,7 +10,7 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.utils import get_dht_time
 
-from coldswarm.worker.swarm import start_dht
+from coldswarm.swarm.dht import start_dht
 
 CYCLES = 6
 

@@ -1,52 +1,26 @@
-"""Client helpers for the coordinator's services: channels, tokens, resumable downloads.
+"""Resumable, sha256-checked download of a version's files (both roles and the admin CLI use it).
 
-Used by ``coldswarm-admin``; usable by anything that talks to a coordinator::
+``stub`` is an AdminService or WorkerService stub (both have GetVersion/DownloadVersion)::
 
-    channel = open_channel("127.0.0.1:50051", ca_file=None)
-    admin = AdminServiceStub(channel)
-    admin.Status(StatusRequest(), metadata=bearer(token))
-    download_version(admin, "latest", Path("v0"), metadata=bearer(token))
+    channel = open_channel("127.0.0.1:50051")                   # coldswarm.common.channel
+    download_version(AdminServiceStub(channel), "latest", Path("v0"), metadata=bearer(token))
+
+The worker keeps its own content-addressed cache (``worker/downloads.py``) and uses :func:`fetch_file`
+and :func:`safe_relpath` from here, so both ways of downloading resume and verify alike.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from coldswarm.coordinator.blobs import fsync_dir
+from coldswarm.common.durable import fsync_dir
+from coldswarm.common.hashing import sha256_file
+from coldswarm.common.manifest import MANIFEST_NAME
 from coldswarm.proto import coldswarm_pb2 as pb
-
-MANIFEST_NAME = "coldswarm-manifest.json"
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # Larger TCP reads for 1 MiB chunks (see coldswarm.coordinator.server.TCP_TUNING).
-    ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
-    ("grpc.experimental.tcp_read_chunk_size", 8 * 1024 * 1024),
-    ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
-    # gRPC's reconnect backoff grows to 120 s by default: a client that started before the coordinator,
-    # or outlived its restart, would sit idle for minutes after it is back. Callers retry on their own.
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 3000),
-]
-
-
-def open_channel(address: str, ca_file: Path | str | None = None) -> grpc.Channel:
-    """A channel to ``HOST:PORT``; TLS when ``ca_file`` names the PEM of the CA that signed the server."""
-    if not ca_file:
-        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-    root = Path(ca_file).read_bytes()
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root), CHANNEL_OPTIONS)
-
-
-def bearer(token: str) -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token}")]
 
 
 class DownloadError(Exception):
@@ -59,14 +33,6 @@ class DownloadReport:
     files: int
     bytes_fetched: int
     bytes_reused: int
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(4 * 1024 * 1024):
-            h.update(block)
-    return h.hexdigest()
 
 
 def safe_relpath(rel: str) -> Path:

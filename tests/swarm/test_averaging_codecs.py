@@ -1,4 +1,4 @@
-"""Fast, single-process tests of the swarm's codecs and config (no DHT, no peers)."""
+"""Fast, single-process tests of the swarm's averaging codecs (no DHT, no peers)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from hivemind.compression import (
 from hivemind.compression import serialization as hivemind_serialization
 from hivemind.proto import runtime_pb2
 
-from coldswarm.worker.compression import (
-    CODECS,
+from coldswarm.swarm.averaging_codecs import (
+    AVERAGING_CODECS,
     ByteCountingCompression,
     SafeQuantile8BitQuantization,
     SafeUniform8BitQuantization,
     make_compression,
     register_safe_codecs,
 )
-from coldswarm.worker.swarm import SwarmConfig
 
 
 def _compress(codec, tensor):
@@ -129,7 +128,7 @@ def test_adaptive_codecs_keep_small_tensors_fp16():
     small, large = torch.randn(999), torch.randn(1000)
     assert _compress(codec, small).compression == runtime_pb2.FLOAT16
     assert _compress(codec, large).compression == runtime_pb2.UNIFORM_8BIT
-    assert set(CODECS) >= {"none", "fp16", "uniform8bit", "blockwise8bit"}
+    assert set(AVERAGING_CODECS) >= {"none", "fp16", "uniform8bit", "blockwise8bit"}
     assert isinstance(make_compression("fp16"), Float16Compression)
     with pytest.raises(ValueError, match="unknown compression"):
         make_compression("int3")
@@ -144,18 +143,8 @@ def test_byte_counting_compression_counts_encoded_bytes():
     assert counter.bytes_sent == 0
 
 
-def test_config_guards_hivemind_deadlock_and_maps_the_task():
-    with pytest.raises(ValueError, match="matchmaking_time"):
-        SwarmConfig(run_id="r", matchmaking_time=2.0, request_timeout=3.0)
-    with pytest.raises(ValueError, match="run_id"):
-        SwarmConfig(run_id="a.b")
-
-    class Task:  # the PretrainTask fields SwarmConfig reads
-        run_id, initial_peers, target_batch_size, epochs = "round7", ["/ip4/1.2.3.4/tcp/1/p2p/X"], 512, 3
-
-    config = SwarmConfig.from_task(Task(), {"lr": 1e-3, "betas": [0.9, 0.98]}, batch_size_per_step=8)
-    assert (config.run_id, config.target_batch_size, config.max_epochs) == ("round7", 512, 3)
-    assert config.initial_peers == ["/ip4/1.2.3.4/tcp/1/p2p/X"]
-    assert config.betas == (0.9, 0.98) and config.lr == 1e-3 and config.batch_size_per_step == 8
-    with pytest.raises(ValueError, match="unknown pretrain hyperparameter"):
-        SwarmConfig.from_task(Task(), {"learning_rate": 1})
+def test_every_averaging_codec_says_what_it_is_and_where_it_comes_from():
+    for name, codec in AVERAGING_CODECS.items():
+        assert codec.name == name and codec.summary and codec.source.startswith("https://")
+        assert codec.bits in (8, 16, 32)
+        assert make_compression(name, size_threshold=16) is not None

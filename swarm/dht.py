@@ -1,4 +1,7 @@
-"""A hivemind DHT process that survives the death of the processes it answers.
+"""Starting a swarm's DHT peer (:func:`start_dht`), in a process that survives the death of the processes it
+answers (:class:`ResilientDHT`).
+
+Both the worker's trainer and the coordinator's bootstrap peer start theirs with :func:`start_dht`.
 
 Every DHT request carries an ``MPFuture`` whose reply pipe is a pickled ``Connection``. Unpickling it in the
 DHT process fetches the file descriptor from the *requesting* process's ``multiprocessing`` resource sharer.
@@ -17,12 +20,17 @@ still ends the process as before.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 
 from hivemind import DHT
 
+from coldswarm.swarm.averaging_codecs import register_safe_codecs
+
 log = logging.getLogger(__name__)
+
+LOOPBACK_MADDRS = ("/ip4/127.0.0.1/tcp/0",)
 
 #: the request a dropped one becomes: ``ResilientDHT._requester_gone(reason)``
 DROPPED = "_requester_gone"
@@ -55,3 +63,23 @@ class ResilientDHT(DHT):
 
     async def _requester_gone(self, reason: str) -> None:
         log.warning("dropped a DHT request whose sender has exited (%s)", reason)
+
+
+def start_dht(
+    initial_peers: Iterable[str] = (),
+    host_maddrs: Iterable[str] = LOOPBACK_MADDRS,
+    announce_maddrs: Iterable[str] = (),
+    client_mode: bool = False,
+    **kwargs,
+) -> ResilientDHT:
+    """Start a hivemind DHT peer (a background process plus its p2p daemon). ``kwargs`` go to ``hivemind.DHT``
+    (e.g. ``identity_path`` for a peer id that survives restarts)."""
+    register_safe_codecs()  # before the DHT process forks: it inherits the codec registry as it is now
+    return ResilientDHT(
+        initial_peers=list(initial_peers),
+        host_maddrs=list(host_maddrs),
+        announce_maddrs=list(announce_maddrs) or None,
+        client_mode=client_mode,
+        start=True,
+        **kwargs,
+    )
