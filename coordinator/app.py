@@ -12,6 +12,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from coldswarm.coordinator.auth import Auth
@@ -31,8 +32,11 @@ class ConfigError(Exception):
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig):
+    def __init__(self, config: CoordinatorConfig, dht_peers: Callable[[], list[str]] | None = None):
+        """``dht_peers``: the swarm's DHT bootstrap multiaddrs handed to workers (Register, PretrainTask);
+        by default ``config.dht_peers`` (with ``--dht-listen``, the pretrain collector's own peer)."""
         self.config = config
+        self.dht_peers: Callable[[], list[str]] = dht_peers or (lambda: list(config.dht_peers))
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         os.chmod(data, 0o700)  # tokens, contributions: nobody else's business
@@ -41,7 +45,9 @@ class Coordinator:
         self.auth = Auth(self.store, config.admin_token_path)
         self.versions = VersionStore(self.store, self.blobs, data / "versions")
         self.workers = WorkerRegistry(self.store, self.auth, config.worker_gone_after_s)
-        self.rounds = RoundManager(self.store, self.blobs, self.versions, self.workers, config)
+        self.rounds = RoundManager(
+            self.store, self.blobs, self.versions, self.workers, config, self.dht_peers
+        )
         self.uploads = UploadManager(
             self.store,
             self.blobs,

@@ -20,8 +20,8 @@ Hooks for other parts of coldswarm:
 
 - :meth:`RoundManager.record_version` — the pretrain checkpointer (``coordinator/
   checkpointer.py``) calls it with a directory of averaged weights;
-- ``RoundManager.dht_peers`` — a callable returning the DHT bootstrap multiaddrs
-  handed out in pretrain assignments (defaults to the configured ``dht_peers``).
+- ``dht_peers`` (at construction) — a callable returning the DHT bootstrap multiaddrs
+  handed out in pretrain assignments (the pretrain collector's, or the configured ``dht_peers``).
 """
 
 from __future__ import annotations
@@ -144,13 +144,14 @@ class RoundManager:
         versions: VersionStore,
         workers: WorkerRegistry,
         config: CoordinatorConfig,
+        dht_peers: Callable[[], list[str]],
     ):
         self.store = store
         self.blobs = blobs
         self.versions = versions
         self.workers = workers
         self.config = config
-        self.dht_peers: Callable[[], list[str]] = lambda: list(config.dht_peers)
+        self.dht_peers = dht_peers
         self.evaluator = _load_evaluator(config.evaluator)
         self._lock = threading.RLock()  # serialises state transitions of rounds
         self._merge_lock = threading.Lock()  # one merge at a time (memory)

@@ -197,7 +197,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             worker_id=worker_id,
             session_token=token,
             heartbeat_interval_s=self.app.config.heartbeat_interval_s,
-            dht_initial_peers=list(self.app.rounds.dht_peers()),
+            dht_initial_peers=list(self.app.dht_peers()),
         )
 
     @rpc("worker")
@@ -282,7 +282,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             versions=self.app.versions.count(),
             workers_total=total,
             workers_active=active,
-            dht_maddrs=list(self.app.rounds.dht_peers()),
+            dht_maddrs=list(self.app.dht_peers()),
             uptime_s=self.app.uptime(),
         )
         current = self.app.versions.current()

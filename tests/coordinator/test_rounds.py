@@ -100,7 +100,8 @@ def test_statistics_follow_the_method(harness):
     assert list(w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md).fusion.statistics) == []
 
 
-def test_pretrain_round_records_a_version(harness, tiny_model, tmp_path):
+def test_pretrain_round_records_a_version(make_harness, tiny_model, tmp_path):
+    harness = make_harness(dht_peers=["/ip4/127.0.0.1/tcp/31337/p2p/Qm"])
     closed = []
     harness.app.rounds.on_round_closed.append(closed.append)  # what the checkpointer hooks in
     rnd = harness.admin.OpenRound(
@@ -109,7 +110,6 @@ def test_pretrain_round_records_a_version(harness, tiny_model, tmp_path):
         ),
         metadata=harness.amd,
     )
-    harness.app.rounds.dht_peers = lambda: ["/ip4/127.0.0.1/tcp/31337/p2p/Qm"]
     w = harness.register()
     a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
     assert a.pretrain.target_batch_size == 128 and a.pretrain.epochs == 3
