@@ -12,7 +12,7 @@ to serve their state until the checkpointer has downloaded it. So collection
 starts as soon as a pretrain round opens, on a background thread that waits
 (:meth:`Checkpointer.collect` with ``min_epoch``) until a peer serves a state of
 that epoch, evaluates it when an evaluator is configured, records it through
-:meth:`RoundManager.record_version` and closes the round, which publishes it.
+:meth:`MergePipeline.record_version` and closes the round, which publishes it.
 
 A round closed earlier (``round close`` or its deadline) records the state of
 the epoch the swarm reached: workers stop training and serve it. One closed
@@ -125,12 +125,11 @@ class PretrainCollector:
                 min_epoch=min(epochs, max(reached, 1)),
                 timeout=float(rnd.options.get("collect_timeout_s", 120.0)),
             )
-            if app.rounds.evaluator is not None:
-                metrics = {**metrics, **dict(app.rounds.evaluator(out) or {})}
+            metrics = {**metrics, **app.merges.evaluate(out)}
             if app.rounds.get(rnd.id).state not in _COLLECTING:
                 log.info("round %d ended while its state was collected; not recording it", rnd.id)
                 return
-            version = app.rounds.record_version(out, rnd.id, kind=VersionKind.PRETRAIN, metrics=metrics)
+            version = app.merges.record_version(out, rnd.id, kind=VersionKind.PRETRAIN, metrics=metrics)
             if app.rounds.get(rnd.id).state == RoundState.OPEN:
                 app.rounds.close_round(rnd.id, reason="collected")
             log.info("round %d: the swarm's state is version %d", rnd.id, version.number)

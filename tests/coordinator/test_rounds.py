@@ -117,7 +117,7 @@ def test_pretrain_round_records_a_version(make_harness, tiny_model, tmp_path):
     r = harness.admin.CloseRound(pb.CloseRoundRequest(), metadata=harness.amd)
     assert r.state == "closing" and [c.id for c in closed] == [rnd.id]
     averaged = build_tiny_model(tmp_path / "averaged", seed=7)
-    v = harness.app.rounds.record_version(averaged, rnd.id, kind="pretrain", metrics={"loss": 3.2})
+    v = harness.app.merges.record_version(averaged, rnd.id, kind="pretrain", metrics={"loss": 3.2})
     assert v.number == 1 and v.parent == 0 and v.kind == "pretrain" and v.is_current
     assert v.manifest["metrics"] == {"loss": 3.2}
     r = rounds(harness)[0]
@@ -167,7 +167,7 @@ def test_silent_workers_lose_their_assignment(make_harness):
     w = h.register()
     a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
     time.sleep(1.0)
-    h.app.rounds.tick()  # what the ticker thread does; a starved ticker must not decide this test
+    h.app.tick()  # what the ticker thread does; a starved ticker must not decide this test
     assert h.admin.ListWorkers(pb.ListWorkersRequest(), metadata=h.amd).workers == []
     gone = h.admin.ListWorkers(pb.ListWorkersRequest(include_gone=True), metadata=h.amd).workers
     assert [x.state for x in gone] == ["gone"]
