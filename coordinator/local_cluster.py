@@ -28,7 +28,7 @@ from pathlib import Path
 import grpc
 
 from coldswarm.coordinator.client import open_channel
-from coldswarm.coordinator.states import RoundKind, RoundState
+from coldswarm.coordinator.states import RoundKind, RoundState, WorkerState
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -249,7 +249,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             self._check_alive()
             workers = self.admin.ListWorkers(pb.ListWorkersRequest(), metadata=self.metadata).workers
-            if len([w for w in workers if w.state != "gone"]) >= n:
+            if len([w for w in workers if w.state != WorkerState.GONE]) >= n:
                 print(f"{n} worker(s) registered", flush=True)
                 return
             time.sleep(0.5)

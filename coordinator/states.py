@@ -79,6 +79,14 @@ class VersionState(_Constants):
     REJECTED = "rejected"  # kept, never deleted, and never published
 
 
+class WorkerState(_Constants):
+    """What a worker is doing, as ListWorkers shows it (``Worker.state``; derived, never stored)."""
+
+    IDLE = "idle"  # registered and heard from, with no active assignment in the open round
+    WORKING = "working"  # has an active assignment in the open round
+    GONE = "gone"  # left, or silent for longer than --worker-gone-after-s
+
+
 class VersionKind(_Constants):
     """What made a version (its manifest's ``kind``); a version from a round has the round's kind."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from coldswarm.coordinator.auth import Auth, Principal
 from coldswarm.coordinator.errors import NotFound
-from coldswarm.coordinator.states import AssignmentState, RoundState
+from coldswarm.coordinator.states import AssignmentState, RoundState, WorkerState
 from coldswarm.coordinator.store import Store
 
 
@@ -27,7 +27,7 @@ class WorkerRow:
     capabilities: bytes
     registered_at: float
     last_seen: float
-    state: str  # "idle", "working", "gone"
+    state: str  # a WorkerState
     assignment_id: str
     progress_json: str
 
@@ -127,7 +127,9 @@ class WorkerRegistry:
             gone = r["left_at"] is not None or now - r["last_seen"] >= self.gone_after_s
             if gone and not include_gone:
                 continue
-            state = "gone" if gone else ("working" if r["id"] in active else "idle")
+            state = (
+                WorkerState.GONE if gone else (WorkerState.WORKING if r["id"] in active else WorkerState.IDLE)
+            )
             out.append(
                 WorkerRow(
                     id=r["id"],
