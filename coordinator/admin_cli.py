@@ -31,6 +31,7 @@ from google.protobuf.json_format import MessageToDict
 
 from coldswarm.common.channel import bearer, open_channel
 from coldswarm.common.fetch import DownloadError, download_version
+from coldswarm.coordinator.states import ROUND_KINDS
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("round", help="open or close a round")
     rsub = r.add_subparsers(dest="round_command", required=True)
     ro = rsub.add_parser("open", help="open a round on the published version")
-    ro.add_argument("--kind", required=True, choices=["fusion", "pretrain"])
+    ro.add_argument("--kind", required=True, choices=list(ROUND_KINDS))
     ro.add_argument("--base-version", type=int, default=None, help="default: the published version")
     ro.add_argument("--quorum", type=int, default=0, help="contributions that close the round")
     ro.add_argument("--deadline", type=float, default=0.0, help="seconds from now until the round closes")

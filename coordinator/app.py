@@ -1,8 +1,10 @@
 """The coordinator's state and handlers, wired together (no gRPC here).
 
-:class:`Coordinator` owns the database, the blob store and the managers built
-over them; the gRPC servicers (:mod:`coldswarm.coordinator.service`) call into
-it, and tests may call it directly.
+:class:`Coordinator` owns the database, the blob store and the single-purpose
+parts built over them (auth, versions, workers, the round state machine,
+assignments, contributions, the merge pipeline, uploads); the gRPC servicers
+(:mod:`coldswarm.coordinator.service`) call into them, and tests may call them
+directly.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from coldswarm.coordinator.assignments import Assignments
 from coldswarm.coordinator.auth import Auth
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.config import CoordinatorConfig
-from coldswarm.coordinator.rounds import RoundManager
+from coldswarm.coordinator.contributions import Contributions
+from coldswarm.coordinator.errors import FailedPrecondition
+from coldswarm.coordinator.merge_pipeline import MergePipeline
+from coldswarm.coordinator.rounds import RoundStateMachine
+from coldswarm.coordinator.states import VersionKind
 from coldswarm.coordinator.store import Store
 from coldswarm.coordinator.uploads import UploadManager
 from coldswarm.coordinator.versions import VersionRow, VersionStore
@@ -31,8 +39,11 @@ class ConfigError(Exception):
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig):
+    def __init__(self, config: CoordinatorConfig, dht_peers: Callable[[], list[str]] | None = None):
+        """``dht_peers``: the swarm's DHT bootstrap multiaddrs handed to workers (Register, PretrainTask);
+        by default ``config.dht_peers`` (with ``--dht-listen``, the pretrain collector's own peer)."""
         self.config = config
+        self.dht_peers: Callable[[], list[str]] = dht_peers or (lambda: list(config.dht_peers))
         data = Path(config.data_dir)
         data.mkdir(parents=True, exist_ok=True)
         os.chmod(data, 0o700)  # tokens, contributions: nobody else's business
@@ -41,12 +52,23 @@ class Coordinator:
         self.auth = Auth(self.store, config.admin_token_path)
         self.versions = VersionStore(self.store, self.blobs, data / "versions")
         self.workers = WorkerRegistry(self.store, self.auth, config.worker_gone_after_s)
-        self.rounds = RoundManager(self.store, self.blobs, self.versions, self.workers, config)
+        # Closing a fusion round queues its merge on the pipeline built below.
+        self.rounds = RoundStateMachine(
+            self.store,
+            self.versions,
+            config,
+            dht_peers=self.dht_peers,
+            merge=lambda round_id: self.merges.enqueue(round_id),
+        )
+        self.assignments = Assignments(self.store, self.rounds, self.workers, self.dht_peers)
+        self.contributions = Contributions(self.store, self.rounds, self.assignments)
+        self.merges = MergePipeline(self.blobs, self.versions, self.rounds, self.contributions, config)
         self.uploads = UploadManager(
             self.store,
             self.blobs,
             self.versions,
             self.rounds,
+            self.contributions,
             data / "uploads",
             config.max_upload_bytes,
             config.chunk_bytes,
@@ -87,25 +109,23 @@ class Coordinator:
         try:
             out = work / "model"
             build_default_version(out, size="tiny")
-            return self.create_version0(out, method="init", source="coldswarm.lm.default (tiny)")
+            return self.create_version0(out, source="coldswarm.lm.default (tiny)")
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def create_version0(self, model_dir: Path, method: str = "init", source: str | None = None) -> VersionRow:
+    def create_version0(
+        self, model_dir: Path, method: str = VersionKind.INIT, source: str | None = None
+    ) -> VersionRow:
         """Record ``model_dir`` as version 0 and publish it."""
         if self.versions.count():
-            from coldswarm.coordinator.errors import FailedPrecondition
-
             raise FailedPrecondition("version 0 exists already; later versions come from rounds")
         # Version 0 carries metrics too, so every later version compares against where the run began.
-        metrics = (
-            dict(self.rounds.evaluator(Path(model_dir)) or {}) if self.rounds.evaluator is not None else {}
-        )
+        metrics = self.merges.evaluate(Path(model_dir))
         row = self.versions.create(
             Path(model_dir),
             parent=None,
             round_id=None,
-            kind="init",
+            kind=VersionKind.INIT,
             method=method,
             metrics=metrics,
             publish=True,
@@ -122,7 +142,7 @@ class Coordinator:
     def start(self) -> None:
         """Recover from a kill, then start the merge thread and the ticker."""
         self.recover()
-        self.rounds.start()
+        self.merges.start()
         self._ticker = threading.Thread(target=self._tick_loop, name="coldswarm-tick", daemon=True)
         self._ticker.start()
 
@@ -137,17 +157,23 @@ class Coordinator:
             log.info("removing blob %s that no row refers to", sha)
             self.blobs.delete(sha)
 
+    def tick(self) -> None:
+        """What the ticker does every ``tick_s``: write heartbeats, free the assignments of workers gone
+        silent, close rounds whose deadline passed."""
+        self.workers.flush()
+        self.assignments.expire_silent()
+        self.rounds.close_overdue()
+
     def _tick_loop(self) -> None:
         while not self._stop.wait(self.config.tick_s):
             try:
-                self.workers.flush()
-                self.rounds.tick()
+                self.tick()
             except Exception:  # a bad tick must not end the loop
                 log.exception("tick failed")
 
     def stop(self) -> None:
         self._stop.set()
-        self.rounds.stop()
+        self.merges.stop()
         try:
             self.workers.flush()
         except Exception:

@@ -56,7 +56,3 @@ class Unavailable(CoordinatorError):
     """Try again shortly (clients retry this code): e.g. the previous stream of an upload is still ending."""
 
     code = grpc.StatusCode.UNAVAILABLE
-
-
-class Internal(CoordinatorError):
-    code = grpc.StatusCode.INTERNAL

@@ -29,6 +29,7 @@ import grpc
 
 from coldswarm.common import cli_args
 from coldswarm.common.channel import open_channel
+from coldswarm.coordinator.states import RoundKind, RoundState, WorkerState
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -249,7 +250,7 @@ class LocalCluster:
         while time.monotonic() < deadline:
             self._check_alive()
             workers = self.admin.ListWorkers(pb.ListWorkersRequest(), metadata=self.metadata).workers
-            if len([w for w in workers if w.state != "gone"]) >= n:
+            if len([w for w in workers if w.state != WorkerState.GONE]) >= n:
                 print(f"{n} worker(s) registered", flush=True)
                 return
             time.sleep(0.5)
@@ -276,12 +277,12 @@ class LocalCluster:
 
     def run_round(self, kind: str) -> pb.Version:
         cfg = self.config
-        options = cfg.fusion_options() if kind == "fusion" else cfg.pretrain_options()
+        options = cfg.fusion_options() if kind == RoundKind.FUSION else cfg.pretrain_options()
         request = pb.OpenRoundRequest(
             kind=kind,
             quorum=cfg.workers,
             deadline_s=cfg.round_timeout_s,
-            method=cfg.method if kind == "fusion" else "",
+            method=cfg.method if kind == RoundKind.FUSION else "",
             options_json=json.dumps(options),
         )
         opened = self.admin.OpenRound(request, metadata=self.metadata)
@@ -291,11 +292,11 @@ class LocalCluster:
             self._check_alive()
             rounds = self.admin.ListRounds(pb.ListRoundsRequest(), metadata=self.metadata).rounds
             current = next(r for r in rounds if r.id == opened.id)
-            if current.state == "published" and current.HasField("result_version"):
+            if current.state == RoundState.PUBLISHED and current.HasField("result_version"):
                 return self.admin.GetVersion(
                     pb.GetVersionRequest(version=str(current.result_version)), metadata=self.metadata
                 )
-            if current.state in ("failed", "cancelled"):
+            if current.state in (RoundState.FAILED, RoundState.CANCELLED):
                 raise RuntimeError(f"round {current.id} {current.state}: {current.error}")
             time.sleep(1.0)
         raise TimeoutError(f"round {opened.id} did not finish in {cfg.round_timeout_s:.0f}s")
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         rows.append(summarise(cluster.version("latest")))
         print_table(rows)
-        for kind in ["pretrain"] * config.pretrain_rounds + ["fusion"] * config.fusion_rounds:
+        for kind in [RoundKind.PRETRAIN] * config.pretrain_rounds + [RoundKind.FUSION] * config.fusion_rounds:
             rows.append(summarise(cluster.run_round(kind)))
             print()
             print_table(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -40,29 +41,36 @@ class RunningServer:
     port: int
     address: str
     health: health.HealthServicer
-    swarm: object | None = None  # SwarmHook with --dht-listen
+    collector: object | None = None  # the PretrainCollector, with --dht-listen
 
     def stop(self, grace: float = 2.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
-        if self.swarm is not None:
-            self.swarm.stop()
+        if self.collector is not None:
+            self.collector.stop()
         self.app.stop()
 
 
-def start_server(config: CoordinatorConfig, app: Coordinator | None = None) -> RunningServer:
-    """Initialise the state (admin token, version 0), recover, and serve on ``config.listen``."""
-    app = app or Coordinator(config)
+def start_server(config: CoordinatorConfig) -> RunningServer:
+    """Initialise the state (admin token, version 0), recover, and serve on ``config.listen``.
+
+    With ``--dht-listen`` the coordinator runs the pretrain collector and hands out its DHT peer.
+    """
+    collector = None
+    if config.dht_listen:
+        from coldswarm.coordinator.pretrain_collector import PretrainCollector
+
+        collector = PretrainCollector(
+            config.dht_listen, config.dht_announce, Path(config.data_dir) / "dht.key"
+        )
+    app = Coordinator(config, dht_peers=None if collector is None else collector.initial_peers)
     token = app.init_state()
     if token is not None:
         # Said once, at first start; the file stays readable only by this user.
         print(f"admin token written to {config.admin_token_path} (readable only by you)", flush=True)
     app.start()
-    swarm = None
-    if config.dht_listen:
-        from coldswarm.coordinator.swarm_hook import SwarmHook
-
-        swarm = SwarmHook(app, config.dht_listen, config.dht_announce).start()
+    if collector is not None:
+        collector.start(app)  # before the server takes RPCs, so every Register gets its peer
     # An upload chunk is at most chunk_bytes of data plus a little framing.
     limit = config.chunk_bytes + 64 * 1024
     server = grpc.server(
@@ -90,12 +98,12 @@ def start_server(config: CoordinatorConfig, app: Coordinator | None = None) -> R
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
-        if swarm is not None:
-            swarm.stop()
+        if collector is not None:
+            collector.stop()
         app.stop()
         raise OSError(f"cannot listen on {config.listen} (address in use?)")
     server.start()
     host = config.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     log.info("serving on %s%s", address, " with TLS" if config.tls_cert else "")
-    return RunningServer(server, app, port, address, health_servicer, swarm)
+    return RunningServer(server, app, port, address, health_servicer, collector)

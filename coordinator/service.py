@@ -14,9 +14,12 @@ from importlib import metadata
 import grpc
 
 from coldswarm.coordinator.app import Coordinator
+from coldswarm.coordinator.assignments import AssignmentInfo
 from coldswarm.coordinator.auth import Principal
+from coldswarm.coordinator.contributions import ContributionRow
 from coldswarm.coordinator.errors import CoordinatorError, InvalidArgument
-from coldswarm.coordinator.rounds import AssignmentInfo, ContributionRow, RoundRow
+from coldswarm.coordinator.rounds import RoundRow
+from coldswarm.coordinator.states import RoundKind
 from coldswarm.coordinator.uploads import Chunk
 from coldswarm.coordinator.versions import VersionRow
 from coldswarm.coordinator.workers import WorkerRow
@@ -153,7 +156,7 @@ def worker_pb(w: WorkerRow) -> pb.WorkerInfo:
 
 def assignment_pb(a: AssignmentInfo) -> pb.Assignment:
     msg = pb.Assignment(id=a.id, round_id=a.round_id, base_version=a.base_version, deadline=a.deadline)
-    if a.kind == "fusion":
+    if a.kind == RoundKind.FUSION:
         msg.fusion.CopyFrom(pb.FusionTask(**a.task))
     else:
         msg.pretrain.CopyFrom(pb.PretrainTask(**a.task))
@@ -197,7 +200,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             worker_id=worker_id,
             session_token=token,
             heartbeat_interval_s=self.app.config.heartbeat_interval_s,
-            dht_initial_peers=list(self.app.rounds.dht_peers()),
+            dht_initial_peers=list(self.app.dht_peers()),
         )
 
     @rpc("worker")
@@ -212,21 +215,21 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
             "metrics": dict(request.metrics),
         }
         self.app.workers.heartbeat(principal.worker_id, progress)
-        cancel = self.app.rounds.should_cancel(principal.worker_id, request.assignment_id)
+        cancel = self.app.assignments.should_cancel(principal.worker_id, request.assignment_id)
         return pb.HeartbeatResponse(
             cancel_assignment=cancel, message="the assignment's round is no longer open" if cancel else ""
         )
 
     @rpc("worker")
     def GetAssignment(self, request, context, principal: Principal):
-        a = self.app.rounds.get_assignment(principal.worker_id)
+        a = self.app.assignments.assign(principal.worker_id)
         if a is None:
             return pb.Assignment(retry_after_s=self.app.config.heartbeat_interval_s)
         return assignment_pb(a)
 
     @rpc("worker")
     def ReportAssignment(self, request, context, principal: Principal):
-        self.app.rounds.report_assignment(
+        self.app.assignments.report(
             principal.worker_id, request.assignment_id, request.outcome, request.message
         )
         return pb.ReportAssignmentResponse()
@@ -282,7 +285,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             versions=self.app.versions.count(),
             workers_total=total,
             workers_active=active,
-            dht_maddrs=list(self.app.rounds.dht_peers()),
+            dht_maddrs=list(self.app.dht_peers()),
             uptime_s=self.app.uptime(),
         )
         current = self.app.versions.current()
@@ -311,7 +314,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     def ListContributions(self, request, context, principal):
         rid = request.round_id if request.HasField("round_id") else None
         return pb.ListContributionsResponse(
-            contributions=[contribution_pb(c) for c in self.app.rounds.contributions(rid)]
+            contributions=[contribution_pb(c) for c in self.app.contributions.list(rid)]
         )
 
     @rpc("admin")
@@ -343,7 +346,7 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc("admin")
     def Merge(self, request, context, principal):
-        return version_pb(self.app.rounds.merge_now(request.round_id, request.method, request.options_json))
+        return version_pb(self.app.merges.merge_now(request.round_id, request.method, request.options_json))
 
     @rpc("admin")
     def Publish(self, request, context, principal):

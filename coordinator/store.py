@@ -131,6 +131,11 @@ MIGRATIONS: list[tuple[str, str]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+def placeholders(values) -> str:
+    """``?, ?, ?`` for binding ``values`` in ``IN (...)``: states and kinds go into SQL as parameters."""
+    return ", ".join("?" * len(values))
+
+
 class Store:
     """The coordinator's SQLite database. Use :meth:`tx` for anything that writes."""
 

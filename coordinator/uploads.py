@@ -34,6 +34,7 @@ from pathlib import Path
 
 from coldswarm.common.hashing import hash_prefix
 from coldswarm.coordinator.blobs import BlobStore
+from coldswarm.coordinator.contributions import Contributions
 from coldswarm.coordinator.errors import (
     CoordinatorError,
     FailedPrecondition,
@@ -43,7 +44,8 @@ from coldswarm.coordinator.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from coldswarm.coordinator.rounds import RoundManager
+from coldswarm.coordinator.rounds import RoundStateMachine
+from coldswarm.coordinator.states import RoundState
 from coldswarm.coordinator.store import Store
 from coldswarm.coordinator.validate import check_contribution
 from coldswarm.coordinator.versions import VersionStore
@@ -78,7 +80,8 @@ class UploadManager:
         store: Store,
         blobs: BlobStore,
         versions: VersionStore,
-        rounds: RoundManager,
+        rounds: RoundStateMachine,
+        contributions: Contributions,
         root: Path,
         max_upload_bytes: int,
         chunk_bytes: int,
@@ -87,6 +90,7 @@ class UploadManager:
         self.blobs = blobs
         self.versions = versions
         self.rounds = rounds
+        self.contributions = contributions
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
@@ -100,7 +104,10 @@ class UploadManager:
     def recover(self) -> None:
         """At start: drop uploads for rounds that no longer take them and partial files with no row."""
         with self.store.tx() as c:
-            c.execute("DELETE FROM uploads WHERE round_id NOT IN (SELECT id FROM rounds WHERE state='open')")
+            c.execute(
+                "DELETE FROM uploads WHERE round_id NOT IN (SELECT id FROM rounds WHERE state=?)",
+                (RoundState.OPEN,),
+            )
         ids = {r["id"] for r in self.store.all("SELECT id FROM uploads")}
         for p in self.root.glob("*.part"):
             if p.stem not in ids:
@@ -137,7 +144,7 @@ class UploadManager:
                 raise ValueError("not an object")
         except ValueError as exc:
             raise InvalidArgument(f"metrics_json must be a JSON object: {exc}") from None
-        self.rounds.check_can_contribute(worker_id, round_id, base_version, assignment_id)
+        self.contributions.check_can_contribute(worker_id, round_id, base_version, assignment_id)
         existing = self.store.one(
             "SELECT * FROM uploads WHERE worker_id=? AND round_id=?", (worker_id, round_id)
         )
@@ -309,7 +316,7 @@ class UploadManager:
 
     def _accept(self, row, part: Path, payload_sha: str) -> UploadResult:
         round_id, worker_id = int(row["round_id"]), row["worker_id"]
-        rnd = self.rounds.check_can_contribute(
+        rnd = self.contributions.check_can_contribute(
             worker_id, round_id, int(row["base_version"]), row["assignment_id"]
         )
         decoded = part
@@ -350,7 +357,7 @@ class UploadManager:
         )
         try:
             with self.store.tx() as c:
-                cid = self.rounds.add_contribution(
+                cid = self.contributions.add(
                     c,
                     worker_id=worker_id,
                     round_id=round_id,
@@ -372,7 +379,7 @@ class UploadManager:
             raise
         part.unlink(missing_ok=True)
         log.info("contribution %d from %s for round %d accepted (%d bytes)", cid, worker_id, round_id, size)
-        self.rounds.after_contribution(round_id)
+        self.rounds.close_on_quorum(round_id)
         return UploadResult(cid, payload_sha, size)
 
     def _referenced(self, sha: str) -> bool:

@@ -27,6 +27,7 @@ from coldswarm.common.durable import fsync_dir
 from coldswarm.common.manifest import MANIFEST_NAME
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
+from coldswarm.coordinator.states import VersionState
 from coldswarm.coordinator.store import Store
 
 RUN_ID = "default"
@@ -209,7 +210,7 @@ class VersionStore:
                 manifest.update(extra)
             manifest_json = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
             m_sha, m_size = self.blobs.put_bytes(manifest_json.encode())
-            state = "published" if publish else "candidate"
+            state = VersionState.PUBLISHED if publish else VersionState.CANDIDATE
             c.execute(
                 "INSERT INTO versions(number, run_id, parent, round_id, kind, method, state, manifest_json, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -238,10 +239,10 @@ class VersionStore:
         """Move the pointer to ``number`` (a candidate or earlier published version)."""
         number = self.resolve(number)
         row = self.get(number)
-        if row.state == "rejected":
+        if row.state == VersionState.REJECTED:
             raise FailedPrecondition(f"version {number} was rejected; publish another version")
         with self.store.tx() as c:
-            c.execute("UPDATE versions SET state='published' WHERE number=?", (number,))
+            c.execute("UPDATE versions SET state=? WHERE number=?", (VersionState.PUBLISHED, number))
             c.execute("UPDATE runs SET current_version=? WHERE id=?", (number, RUN_ID))
         return self.get(number)
 
@@ -255,7 +256,7 @@ class VersionStore:
                 f"rollback goes back: version {number} is not older than the current version {current} "
                 "(use `publish` to move forward)"
             )
-        if row.state != "published":
+        if row.state != VersionState.PUBLISHED:
             raise FailedPrecondition(
                 f"version {number} was never published ({row.state}); use `publish {number}` to publish it"
             )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from coldswarm.coordinator.auth import Auth, Principal
 from coldswarm.coordinator.errors import NotFound
+from coldswarm.coordinator.states import AssignmentState, RoundState, WorkerState
 from coldswarm.coordinator.store import Store
 
 
@@ -26,7 +27,7 @@ class WorkerRow:
     capabilities: bytes
     registered_at: float
     last_seen: float
-    state: str  # "idle", "working", "gone"
+    state: str  # a WorkerState
     assignment_id: str
     progress_json: str
 
@@ -94,9 +95,8 @@ class WorkerRegistry:
         with self.store.tx() as c:
             c.execute("UPDATE workers SET left_at=? WHERE id=?", (time.time(), worker_id))
             c.execute(
-                "UPDATE assignments SET state='aborted', message='worker left' "
-                "WHERE worker_id=? AND state='active'",
-                (worker_id,),
+                "UPDATE assignments SET state=?, message='worker left' WHERE worker_id=? AND state=?",
+                (AssignmentState.ABORTED, worker_id, AssignmentState.ACTIVE),
             )
         self.auth.drop_worker(worker_id)
         with self._lock:
@@ -118,7 +118,8 @@ class WorkerRegistry:
             r["worker_id"]: r["id"]
             for r in self.store.all(
                 "SELECT a.worker_id, a.id FROM assignments a JOIN rounds r ON r.id=a.round_id "
-                "WHERE a.state='active' AND r.state='open'"
+                "WHERE a.state=? AND r.state=?",
+                (AssignmentState.ACTIVE, RoundState.OPEN),
             )
         }
         out = []
@@ -126,7 +127,9 @@ class WorkerRegistry:
             gone = r["left_at"] is not None or now - r["last_seen"] >= self.gone_after_s
             if gone and not include_gone:
                 continue
-            state = "gone" if gone else ("working" if r["id"] in active else "idle")
+            state = (
+                WorkerState.GONE if gone else (WorkerState.WORKING if r["id"] in active else WorkerState.IDLE)
+            )
             out.append(
                 WorkerRow(
                     id=r["id"],

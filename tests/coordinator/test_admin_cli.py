@@ -113,7 +113,7 @@ def test_publish_rollback_merge_after_a_round(harness, tiny_model, capsys):
     for seed in (1, 2):
         w = harness.register()
         w.upload(delta_contribution(tiny_model, seed=seed), rnd.id)
-    harness.app.rounds.wait_idle(60)
+    harness.app.merges.wait_idle(60)
     rc, out, _ = admin(harness, "--json", "versions", capsys=capsys)
     versions = json.loads(out)["versions"]
     assert [v.get("is_current", False) for v in versions] == [False, True]

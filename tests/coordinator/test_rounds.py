@@ -100,7 +100,8 @@ def test_statistics_follow_the_method(harness):
     assert list(w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md).fusion.statistics) == []
 
 
-def test_pretrain_round_records_a_version(harness, tiny_model, tmp_path):
+def test_pretrain_round_records_a_version(make_harness, tiny_model, tmp_path):
+    harness = make_harness(dht_peers=["/ip4/127.0.0.1/tcp/31337/p2p/Qm"])
     closed = []
     harness.app.rounds.on_round_closed.append(closed.append)  # what the checkpointer hooks in
     rnd = harness.admin.OpenRound(
@@ -109,7 +110,6 @@ def test_pretrain_round_records_a_version(harness, tiny_model, tmp_path):
         ),
         metadata=harness.amd,
     )
-    harness.app.rounds.dht_peers = lambda: ["/ip4/127.0.0.1/tcp/31337/p2p/Qm"]
     w = harness.register()
     a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
     assert a.pretrain.target_batch_size == 128 and a.pretrain.epochs == 3
@@ -117,7 +117,7 @@ def test_pretrain_round_records_a_version(harness, tiny_model, tmp_path):
     r = harness.admin.CloseRound(pb.CloseRoundRequest(), metadata=harness.amd)
     assert r.state == "closing" and [c.id for c in closed] == [rnd.id]
     averaged = build_tiny_model(tmp_path / "averaged", seed=7)
-    v = harness.app.rounds.record_version(averaged, rnd.id, kind="pretrain", metrics={"loss": 3.2})
+    v = harness.app.merges.record_version(averaged, rnd.id, kind="pretrain", metrics={"loss": 3.2})
     assert v.number == 1 and v.parent == 0 and v.kind == "pretrain" and v.is_current
     assert v.manifest["metrics"] == {"loss": 3.2}
     r = rounds(harness)[0]
@@ -167,7 +167,7 @@ def test_silent_workers_lose_their_assignment(make_harness):
     w = h.register()
     a = w.stub.GetAssignment(pb.GetAssignmentRequest(), metadata=w.md)
     time.sleep(1.0)
-    h.app.rounds.tick()  # what the ticker thread does; a starved ticker must not decide this test
+    h.app.tick()  # what the ticker thread does; a starved ticker must not decide this test
     assert h.admin.ListWorkers(pb.ListWorkersRequest(), metadata=h.amd).workers == []
     gone = h.admin.ListWorkers(pb.ListWorkersRequest(include_gone=True), metadata=h.amd).workers
     assert [x.state for x in gone] == ["gone"]

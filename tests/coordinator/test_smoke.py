@@ -13,7 +13,7 @@ def test_fusion_round_end_to_end(harness, tiny_model):
     assert a1.fusion.shard == "default:0-of-2" and a2.fusion.shard == "default:1-of-2"
     w1.upload(delta_contribution(tiny_model, seed=1), rnd.id, assignment_id=a1.id)
     w2.upload(delta_contribution(tiny_model, seed=2), rnd.id, assignment_id=a2.id)
-    harness.app.rounds.wait_idle(60)
+    harness.app.merges.wait_idle(60)
     r = harness.admin.ListRounds(pb.ListRoundsRequest(), metadata=harness.amd).rounds[-1]
     assert r.state == "published", r.error
     assert r.result_version == 1

@@ -1,4 +1,4 @@
-"""serve --dht-listen: the coordinator runs the swarm's DHT bootstrap peer and hands it out."""
+"""serve --dht-listen: the pretrain collector runs the swarm's DHT bootstrap peer, which the coordinator hands out."""
 
 from __future__ import annotations
 

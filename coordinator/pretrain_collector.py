@@ -1,8 +1,10 @@
-"""Pretrain rounds' swarm side, wired into a running coordinator (``serve --dht-listen``).
+"""The pretrain collector: turns a pretrain round's swarm state into a version (``serve --dht-listen``).
 
-Starts the hivemind DHT bootstrap peer + checkpointer of
-:mod:`coldswarm.coordinator.checkpointer` and hands its multiaddrs to workers
-(Register, PretrainTask).
+It runs the hivemind DHT bootstrap peer + checkpointer of
+:mod:`coldswarm.coordinator.checkpointer`. The coordinator is built with
+:meth:`PretrainCollector.initial_peers` as its DHT peers, which it hands to
+workers (Register, PretrainTask); :meth:`PretrainCollector.start` starts the
+peer and watches the coordinator's pretrain rounds.
 
 A pretrain round ends when the swarm has taken the round's ``epochs`` global
 steps, not when workers report: after training, workers stay in the run only
@@ -10,7 +12,7 @@ to serve their state until the checkpointer has downloaded it. So collection
 starts as soon as a pretrain round opens, on a background thread that waits
 (:meth:`Checkpointer.collect` with ``min_epoch``) until a peer serves a state of
 that epoch, evaluates it when an evaluator is configured, records it through
-:meth:`RoundManager.record_version` and closes the round, which publishes it.
+:meth:`MergePipeline.record_version` and closes the round, which publishes it.
 
 A round closed earlier (``round close`` or its deadline) records the state of
 the epoch the swarm reached: workers stop training and serve it. One closed
@@ -31,46 +33,63 @@ from pathlib import Path
 
 from coldswarm.coordinator.app import Coordinator
 from coldswarm.coordinator.rounds import RoundRow
+from coldswarm.coordinator.states import RoundKind, RoundState, VersionKind
 
 log = logging.getLogger(__name__)
 
+# A pretrain round in one of these has no recorded result yet: its swarm's state is (still) to collect.
+_COLLECTING = (RoundState.OPEN, RoundState.CLOSING)
+# A pretrain round that ended in one of these will never be collected: its peers may leave.
+_ENDED_UNCOLLECTED = (RoundState.CANCELLED, RoundState.FAILED)
 
-class SwarmHook:
-    def __init__(self, app: Coordinator, dht_listen: list[str], announce: list[str] | None = None):
+
+class PretrainCollector:
+    """The coordinator's DHT bootstrap peer, collecting each pretrain round's averaged state as a version."""
+
+    def __init__(self, dht_listen: list[str], announce: list[str] | None, identity_path: Path):
+        """``dht_listen``/``announce``: the DHT peer's multiaddrs (``--dht-listen``/``--dht-announce``);
+        ``identity_path``: its private key, which keeps its peer id across restarts."""
         # Imported here: hivemind is heavy and only pretrain rounds need it.
         from coldswarm.coordinator.checkpointer import Checkpointer, CheckpointerConfig
 
-        self.app = app
         self.ckpt = Checkpointer(
             CheckpointerConfig(
                 host_maddrs=list(dht_listen),
                 announce_maddrs=list(announce or []),
-                identity_path=Path(app.config.data_dir) / "dht.key",
+                identity_path=identity_path,
             )
         )
+        self._peers: list[str] = []
+        self.app: Coordinator | None = None
         self._lock = threading.Lock()
         self._threads: dict[int, threading.Thread] = {}
         self._stop = threading.Event()
         self.poll_s = 2.0
 
-    def start(self) -> SwarmHook:
+    def initial_peers(self) -> list[str]:
+        """The DHT peer's multiaddrs that workers bootstrap from; empty until :meth:`start`."""
+        return list(self._peers)
+
+    def start(self, app: Coordinator) -> PretrainCollector:
+        """Start the DHT peer, then collect ``app``'s pretrain rounds: those that open from now on, and
+        those a stop or kill interrupted."""
         self.ckpt.start()
-        peers = self.ckpt.initial_peers
-        self.app.rounds.dht_peers = lambda: list(peers)
-        self.app.rounds.on_round_opened.append(self.watch)
-        self.app.rounds.on_round_closed.append(self.watch)
-        for rnd in self.app.rounds.list():
-            if rnd.kind == "pretrain" and rnd.state in ("open", "closing") and rnd.result_version is None:
+        self._peers = self.ckpt.initial_peers
+        self.app = app
+        app.rounds.on_round_opened.append(self.watch)
+        app.rounds.on_round_closed.append(self.watch)
+        for rnd in app.rounds.list():
+            if rnd.kind == RoundKind.PRETRAIN and rnd.state in _COLLECTING and rnd.result_version is None:
                 log.info("round %d is %s without a version: collecting its swarm's state", rnd.id, rnd.state)
                 self.watch(rnd)
         return self
 
     def watch(self, rnd: RoundRow) -> None:
         """Collect ``rnd``'s state in the background, unless a collection for it is already running."""
-        if rnd.kind == "pretrain" and rnd.state in ("cancelled", "failed"):
+        if rnd.kind == RoundKind.PRETRAIN and rnd.state in _ENDED_UNCOLLECTED:
             self._announce_end(rnd)
             return
-        if rnd.kind != "pretrain" or rnd.state not in ("open", "closing") or rnd.result_version is not None:
+        if rnd.kind != RoundKind.PRETRAIN or rnd.state not in _COLLECTING or rnd.result_version is not None:
             return
         with self._lock:
             running = self._threads.get(rnd.id)
@@ -93,10 +112,10 @@ class SwarmHook:
             if self._stop.is_set():
                 return  # the coordinator is stopping: the round stays open and is collected at the next start
             state = app.rounds.get(rnd.id).state
-            if state not in ("open", "closing"):
+            if state not in _COLLECTING:
                 return  # cancelled meanwhile (watch told the peers)
             reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
-            if reached == 0 and state != "open":
+            if reached == 0 and state != RoundState.OPEN:
                 raise RuntimeError("the round ended before the swarm took its first optimizer step")
             # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
             metrics = self.ckpt.collect(
@@ -106,13 +125,12 @@ class SwarmHook:
                 min_epoch=min(epochs, max(reached, 1)),
                 timeout=float(rnd.options.get("collect_timeout_s", 120.0)),
             )
-            if app.rounds.evaluator is not None:
-                metrics = {**metrics, **dict(app.rounds.evaluator(out) or {})}
-            if app.rounds.get(rnd.id).state not in ("open", "closing"):
+            metrics = {**metrics, **app.merges.evaluate(out)}
+            if app.rounds.get(rnd.id).state not in _COLLECTING:
                 log.info("round %d ended while its state was collected; not recording it", rnd.id)
                 return
-            version = app.rounds.record_version(out, rnd.id, kind="pretrain", metrics=metrics)
-            if app.rounds.get(rnd.id).state == "open":
+            version = app.merges.record_version(out, rnd.id, kind=VersionKind.PRETRAIN, metrics=metrics)
+            if app.rounds.get(rnd.id).state == RoundState.OPEN:
                 app.rounds.close_round(rnd.id, reason="collected")
             log.info("round %d: the swarm's state is version %d", rnd.id, version.number)
         except Exception as exc:  # recorded on the round, where the admin sees it
@@ -138,7 +156,7 @@ class SwarmHook:
         """
         while not self._stop.is_set():
             current = self.app.rounds.get(rnd.id)
-            if current.state != "open" or (current.deadline and time.time() >= current.deadline):
+            if current.state != RoundState.OPEN or (current.deadline and time.time() >= current.deadline):
                 return
             if self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0) >= epochs:
                 return

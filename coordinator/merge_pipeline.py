@@ -1,0 +1,293 @@
+"""From a round's result to a version: merge → evaluate → decide publication → record.
+
+A fusion round that closes is queued here (``RoundStateMachine(merge=...)``); one
+background thread merges it, so RPCs never wait for a merge (the admin ``Merge``
+RPC, a deliberate re-merge into a candidate, is the one exception and says so).
+Each merge goes through the same steps, one method each:
+
+1. :meth:`MergePipeline._merge_weights` — the contributions onto the base, with
+   fusion's method registry (:mod:`coldswarm.coordinator.merge`), into a temp dir;
+2. :meth:`MergePipeline.evaluate` — the configured evaluator (``--evaluator
+   module:function``, loaded by :func:`load_evaluator`), if any;
+3. :meth:`MergePipeline._publishes` — whether the candidate becomes the published
+   version: the one place a publication gate decides;
+4. :meth:`MergePipeline._record_merge` — one transaction records the version, marks the
+   round and its contributions.
+
+The pretrain collector records the swarm's averaged state (merged by hivemind,
+not here) through :meth:`MergePipeline.record_version`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from coldswarm.coordinator import merge as merge_bridge
+from coldswarm.coordinator.blobs import BlobStore
+from coldswarm.coordinator.config import CoordinatorConfig
+from coldswarm.coordinator.contributions import ContributionRow, Contributions
+from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument
+from coldswarm.coordinator.rounds import RoundRow, RoundStateMachine
+from coldswarm.coordinator.states import REMERGEABLE_STATES, RoundKind, VersionKind
+from coldswarm.coordinator.versions import VersionRow, VersionStore
+
+log = logging.getLogger(__name__)
+
+Evaluator = Callable[[Path], dict]
+
+
+def load_evaluator(spec: str) -> Evaluator | None:
+    """``module:function`` → the function (``function(version_dir) -> metrics``); empty → None."""
+    if not spec:
+        return None
+    module, _, func = spec.partition(":")
+    if not func:
+        raise ValueError(f"evaluator {spec!r} must be 'module:function'")
+    return getattr(importlib.import_module(module), func)
+
+
+class MergePipeline:
+    """Merges closed fusion rounds on a background thread and records round results as versions."""
+
+    def __init__(
+        self,
+        blobs: BlobStore,
+        versions: VersionStore,
+        rounds: RoundStateMachine,
+        contributions: Contributions,
+        config: CoordinatorConfig,
+    ):
+        self.blobs = blobs
+        self.versions = versions
+        self.rounds = rounds
+        self.contributions = contributions
+        self.config = config
+        self.evaluator = load_evaluator(config.evaluator)
+        self._merge_lock = threading.Lock()  # one merge at a time (memory)
+        self._queue: queue.Queue[int | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the merge thread -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the merge thread and re-queue merges a kill interrupted."""
+        self._thread = threading.Thread(target=self._merge_loop, name="coldswarm-merge", daemon=True)
+        self._thread.start()
+        for round_id in self.rounds.pending_merges():
+            log.info("round %d was interrupted while merging: merging it again", round_id)
+            self._queue.put(round_id)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def enqueue(self, round_id: int) -> None:
+        """Merge fusion round ``round_id`` (closed, awaiting its merge) on the merge thread."""
+        self._queue.put(round_id)
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Block until queued merges are done (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._queue.empty() and not self._merge_lock.locked() and not self.rounds.any_merge_pending():
+                return
+            time.sleep(0.05)
+        raise TimeoutError("merges still running")
+
+    def _merge_loop(self) -> None:
+        while not self._stop.is_set():
+            round_id = self._queue.get()
+            if round_id is None:
+                return
+            try:
+                self._merge_round(round_id)
+            except Exception as exc:  # recorded on the round; the thread keeps serving other rounds
+                log.exception("merge of round %d failed", round_id)
+                self.rounds.fail_merge(round_id, f"merge failed: {exc}")
+
+    def _merge_round(self, round_id: int) -> None:
+        rnd = self.rounds.start_merge(round_id)
+        if rnd is None:
+            return
+        self._merge(rnd, rnd.method, rnd.options.get("merge", {}), round_result=True)
+
+    # -- the admin's re-merge -------------------------------------------------------------
+
+    def merge_now(self, round_id: int, method: str = "", options_json: str = "") -> VersionRow:
+        """Admin re-merge of a finished round into a candidate version (runs in the caller's thread).
+
+        ``round_id`` 0 means the latest fusion round that has finished.
+        """
+        if not round_id:
+            latest = self.rounds.latest_remergeable()
+            if latest is None:
+                raise FailedPrecondition("no fusion round has finished yet: there is nothing to re-merge")
+            round_id = latest
+        rnd = self.rounds.get(round_id)
+        if rnd.kind != RoundKind.FUSION:
+            raise FailedPrecondition(f"round {round_id} is a {rnd.kind} round; only fusion rounds merge")
+        if rnd.state not in REMERGEABLE_STATES:
+            raise FailedPrecondition(
+                f"round {round_id} is {rnd.state}: re-merge a round after it has published or failed"
+            )
+        if rnd.contributions == 0:
+            raise FailedPrecondition(f"round {round_id} has no contributions to merge")
+        method = method or rnd.method
+        if method not in merge_bridge.available_methods():
+            raise InvalidArgument(
+                f"merge method {method!r} is not available; one of {merge_bridge.available_methods()}"
+            )
+        try:
+            options = json.loads(options_json) if options_json.strip() else rnd.options.get("merge", {})
+        except ValueError as exc:
+            raise InvalidArgument(f"options are not valid JSON: {exc}") from None
+        return self._merge(rnd, method, options, round_result=False)
+
+    # -- the steps ------------------------------------------------------------------------
+
+    def _merge(self, rnd: RoundRow, method: str, options: dict, round_result: bool) -> VersionRow:
+        """Merge ``rnd``'s contributions into a version. ``round_result``: it is the round's result (the
+        round becomes published or merged, and it may be published); else a candidate (a re-merge)."""
+        contributions = self.contributions.list(rnd.id)
+        with self._merge_lock:
+            work = self.blobs.temp_dir(prefix=f"merge-r{rnd.id}-")
+            try:
+                out = work / "model"
+                t0 = time.monotonic()
+                report = self._merge_weights(rnd, method, options, contributions, out)
+                if self.config.merge_delay_s:
+                    # Test hook (COLDSWARM_TEST_MERGE_DELAY_S): widen the window in which a kill
+                    # lands mid-merge, after the weights are written but before anything is recorded.
+                    time.sleep(self.config.merge_delay_s)
+                metrics = self.evaluate(out)
+                publish = round_result and self._publishes(rnd, metrics)
+                version = self._record_merge(
+                    rnd, method, contributions, out, report, metrics, publish, round_result, t0
+                )
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        log.info("round %d merged (%s) into version %d", rnd.id, method, version.number)
+        return version
+
+    def _merge_weights(
+        self, rnd: RoundRow, method: str, options: dict, contributions: list[ContributionRow], out: Path
+    ) -> dict:
+        """Write the merge of ``contributions`` onto ``rnd``'s base to ``out``; returns fusion's report."""
+        return merge_bridge.merge(
+            self.versions.directory(rnd.base_version),
+            [self.blobs.path(c.sha256) for c in contributions],
+            method,
+            options,
+            out,
+            keys=[str(c.id) for c in contributions],
+            base_version=rnd.base_version,
+        )
+
+    def evaluate(self, model_dir: Path) -> dict:
+        """The configured evaluator's metrics for ``model_dir``; empty without an evaluator."""
+        if self.evaluator is None:
+            return {}
+        return dict(self.evaluator(model_dir) or {})
+
+    def _publishes(self, rnd: RoundRow, metrics: dict) -> bool:
+        """Whether ``rnd``'s merged candidate, evaluated to ``metrics``, becomes the published version.
+
+        Today the coordinator's ``auto_publish`` decides (``--no-auto-publish`` keeps every merge a
+        candidate that awaits `publish`). A gate that compares the candidate with its parent decides here.
+        """
+        return self.config.auto_publish
+
+    def _record_merge(
+        self,
+        rnd: RoundRow,
+        method: str,
+        contributions: list[ContributionRow],
+        out: Path,
+        report: dict | None,
+        metrics: dict,
+        publish: bool,
+        round_result: bool,
+        started: float,
+    ) -> VersionRow:
+        """One transaction: the version, the round's result (when ``round_result``), each contribution's fate."""
+        dropped = {str(k) for k in (report or {}).get("dropped", [])}
+        screened_out = {c.id for c in contributions if str(c.id) in dropped}
+
+        def mark(c, number: int) -> None:
+            if round_result:
+                self.rounds.finish_merge(c, rnd.id, number, published=publish)
+            self.contributions.mark_merged(c, [x.id for x in contributions], screened_out)
+
+        return self.versions.create(
+            out,
+            parent=rnd.base_version,
+            round_id=rnd.id,
+            kind=VersionKind.FUSION,
+            method=method,
+            contributions=[
+                {"id": c.id, "worker": c.worker_id, "sha256": c.sha256, "num_examples": c.num_examples}
+                for c in contributions
+            ],
+            metrics=metrics,
+            publish=publish,
+            extra={"merge_report": _jsonable(report), "merge_seconds": round(time.monotonic() - started, 3)},
+            on_commit=mark,
+        )
+
+    # -- results merged elsewhere (the pretrain checkpointer) ------------------------------
+
+    def record_version(
+        self,
+        model_dir: Path,
+        round_id: int | None = None,
+        kind: str = VersionKind.PRETRAIN,
+        metrics: dict | None = None,
+        publish: bool = True,
+        method: str | None = None,
+    ) -> VersionRow:
+        """Record ``model_dir`` (an HF directory with safetensors weights) as the next version.
+
+        For the pretrain checkpointer: call it with the averaged state written to a
+        directory (it is copied into the blob store; the directory may be deleted after).
+        With ``round_id`` the version's parent is that round's latest result (or its
+        base), and a round that was ``closing`` becomes ``published``. Returns the version.
+        """
+        parent = self.versions.current()
+        rnd = None
+        if round_id is not None:
+            rnd = self.rounds.get(round_id)
+            parent = rnd.result_version if rnd.result_version is not None else rnd.base_version
+
+        def mark(c, number: int) -> None:
+            if rnd is not None:
+                self.rounds.record_result(c, rnd, number)
+
+        return self.versions.create(
+            Path(model_dir),
+            parent=parent,
+            round_id=round_id,
+            kind=kind,
+            method=method or kind,
+            metrics=metrics or {},
+            publish=publish,
+            on_commit=mark,
+        )
+
+
+def _jsonable(value):
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        return json.loads(json.dumps(value, default=str))
