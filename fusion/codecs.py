@@ -191,7 +191,8 @@ def zstd_decode(data: bytes, max_output: int | None = None) -> bytes:
 # bytegroup
 #
 # Version 2 (what bytegroup writes): per dtype, the tensors' elements are split into byte planes after
-# moving each float's sign bit to its lowest bit, so that one plane holds exactly the exponents.
+# moving each float's sign bit below its exponent (a rotation of the top 16 bits), so that one plane
+# holds exactly the exponents.
 # Every plane is one zstd frame whose blocks hold only literals (no LZ matches: on exponents they cost
 # more than they save), which zstd Huffman-codes per block, or stores raw where that does not pay
 # (mantissas). Blocks end at tensor boundaries, so each tensor's exponents get their own code.
@@ -347,53 +348,68 @@ class _LiteralFrames:
 _CHUNK_BYTES = 2**18
 
 
+_U16 = np.dtype("<u2")
+
+
 def _split_planes(words: np.ndarray, sign_first: bool) -> list[np.ndarray]:
-    """Byte planes of ``words`` (little-endian unsigned ints), least significant first. With
-    ``sign_first`` each word is rotated left by one bit first, moving the sign to the bottom, so the
-    top plane holds exactly the exponent of a BF16/F32 (the top 8 exponent bits of an F64)."""
+    """Byte planes of ``words`` (little-endian unsigned ints), least significant first: the low bytes
+    as they are, then the two bytes of the top 16 bits. With ``sign_first`` those 16 bits are rotated
+    left by one first, moving the sign to the bottom, so the top plane holds exactly the exponent of a
+    BF16/F32 (the top 8 exponent bits of an F64)."""
     k, bits = words.dtype.itemsize, 8 * words.dtype.itemsize
     if k == 1:
         return [np.ascontiguousarray(words)]
     planes = [np.empty(words.size, np.uint8) for _ in range(k)]
     step = _CHUNK_BYTES // k
-    y, t = np.empty(min(step, words.size), words.dtype), np.empty(min(step, words.size), words.dtype)
+    n = min(step, words.size)
+    t, top, t16 = np.empty(n, words.dtype), np.empty(n, _U16), np.empty(n, _U16)
     for i in range(0, words.size, step):
         w = words[i : i + step]
-        yy, tt = y[: w.size], t[: w.size]
+        m = w.size
+        tt, tp, tq = t[:m], top[:m], t16[:m]
+        for j in range(k - 2):
+            np.copyto(planes[j][i : i + m], np.right_shift(w, 8 * j, out=tt) if j else w, casting="unsafe")
+        np.copyto(tp, np.right_shift(w, bits - 16, out=tt) if k > 2 else w, casting="unsafe")
         if sign_first:
-            np.left_shift(w, 1, out=yy)
-            np.bitwise_or(yy, np.right_shift(w, bits - 1, out=tt), out=yy)
-        else:
-            yy[:] = w
-        for j in range(k):
-            src = np.right_shift(yy, 8 * j, out=tt) if j else yy
-            np.copyto(planes[j][i : i + w.size], src, casting="unsafe")  # keeps the low byte
+            np.left_shift(tp, 1, out=tq)
+            np.bitwise_or(tq, np.right_shift(tp, 15, out=tp), out=tp)
+        np.copyto(planes[k - 2][i : i + m], tp, casting="unsafe")  # keeps the low byte
+        np.copyto(planes[k - 1][i : i + m], np.right_shift(tp, 8, out=tq), casting="unsafe")
     return planes
 
 
 def _join_planes(planes: list[np.ndarray], sign_first: bool, out: np.ndarray) -> None:
     """Inverse of :func:`_split_planes`, written into ``out`` (unsigned words). Shifts and ors of
     runs: numpy vectorises those, where interleaving bytes with strided copies is ~10x slower."""
-    k = out.dtype.itemsize
+    k, word = out.dtype.itemsize, out.dtype
     if k == 1:
         out[:] = planes[0]
         return
-    word, bits, rot = out.dtype, 8 * k, 1 if sign_first else 0
     step = _CHUNK_BYTES // k
-    tmp = np.empty(min(out.size, step), word)
-    low = np.empty(min(out.size, step), np.uint8)
+    n = min(out.size, step)
+    top, t16, low, tw = np.empty(n, _U16), np.empty(n, _U16), np.empty(n, np.uint8), np.empty(n, word)
     for i in range(0, out.size, step):
-        o, p = out[i : i + step], [q[i : i + step] for q in planes]
-        t = tmp[: o.size]
-        # word = rotate_right(sum_j plane_j << 8j) when the sign was moved, else the plain sum
-        np.left_shift(p[k - 1], 8 * (k - 1) - rot, out=o, dtype=word)
-        for j in range(k - 2, 0, -1):
-            np.bitwise_or(o, np.left_shift(p[j], 8 * j - rot, out=t, dtype=word), out=o)
-        if sign_first:
-            np.bitwise_or(o, np.right_shift(p[0], 1, out=low[: o.size]), out=o, dtype=word)
-            np.bitwise_or(o, np.left_shift(p[0], bits - 1, out=t, dtype=word), out=o)
+        o = out[i : i + step]
+        m = o.size
+        p = [q[i : i + step] for q in planes]
+        tp, tq = (o if k == 2 else top[:m]), t16[:m]
+        if sign_first:  # top 16 bits = rotate_right(exponent << 8 | sign-and-mantissa byte)
+            np.left_shift(p[k - 1], 7, out=tp, dtype=_U16)
+            np.bitwise_or(tp, np.right_shift(p[k - 2], 1, out=low[:m]), out=tp, dtype=_U16)
+            np.bitwise_or(tp, np.left_shift(p[k - 2], 15, out=tq, dtype=_U16), out=tp)
         else:
-            np.bitwise_or(o, p[0], out=o, dtype=word)
+            np.left_shift(p[k - 1], 8, out=tp, dtype=_U16)
+            np.bitwise_or(tp, p[k - 2], out=tp, dtype=_U16)
+        if k == 2:
+            continue
+        np.left_shift(tp, 8 * k - 16, out=o, dtype=word)
+        for j in range(0, k - 2, 2):  # the low bytes, unchanged, two at a time
+            np.left_shift(p[j + 1], 8, out=tq, dtype=_U16)
+            np.bitwise_or(tq, p[j], out=tq, dtype=_U16)
+            if j:
+                np.bitwise_or(o, np.left_shift(tq, 8 * j, out=tw[:m], dtype=word), out=o)
+            else:
+                np.bitwise_or(o, tq, out=o, dtype=word)
 
 
 #: section kinds in a version-2 frame

@@ -76,16 +76,51 @@ def test_lossless_codecs_round_trip_arbitrary_bytes(blob):
         assert CODECS[name].decode(CODECS[name].encode(blob)) == blob
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     shapes=st.lists(st.tuples(st.integers(0, 9), st.integers(1, 7)), min_size=1, max_size=4),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int8]),
+    dtype=st.sampled_from(
+        [
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.float64,
+            torch.int8,
+            torch.int16,
+            torch.int32,
+            torch.int64,
+            torch.bool,
+            torch.uint8,
+        ]
+    ),  # fmt: skip
     seed=st.integers(0, 1000),
 )
 def test_bytegroup_round_trips_any_safetensors(shapes, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     tensors = {f"t{i}": (torch.randn(s, generator=g) * 50).to(dtype) for i, s in enumerate(shapes)}
     data = save(tensors)
+    assert CODECS["bytegroup"].decode(CODECS["bytegroup"].encode(data)) == data
+
+
+def test_bytegroup_round_trips_a_dtype_split_by_another():
+    # safetensors.torch writes each dtype's tensors together; another writer may interleave them
+    g = torch.Generator().manual_seed(3)
+    parts = [(n, dt, torch.randn(5000, generator=g).to(getattr(torch, dt.lower()))) for n, dt in
+             (("a", "BFLOAT16"), ("b", "FLOAT16"), ("c", "BFLOAT16"))]  # fmt: skip
+    header, pos, blobs = {}, 0, []
+    for name, dt, t in parts:
+        raw = t.view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": {"BFLOAT16": "BF16", "FLOAT16": "F16"}[dt],
+            "shape": [5000],
+            "data_offsets": [pos, pos + len(raw)],
+        }
+        pos += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    data = len(head).to_bytes(8, "little") + head + b"".join(blobs)
+    assert torch.equal(load(data)["c"], parts[2][2])  # a valid safetensors file
     assert CODECS["bytegroup"].decode(CODECS["bytegroup"].encode(data)) == data
 
 
@@ -238,14 +273,14 @@ def test_bytegroup_still_reads_version_1_frames():
 
 
 def test_bytegroup_top_plane_is_the_exponent():
-    # Moving the sign bit to the bottom makes the top byte plane exactly the 8 exponent bits.
+    # Moving the sign bit below the exponent makes the top byte plane exactly the 8 exponent bits.
     x = torch.tensor([1.0, -1.0, 0.5, -0.375, 2.0**-126, -3e38])
     for dtype, k in ((torch.float32, 4), (torch.bfloat16, 2)):
         words = x.to(dtype).view(torch.uint8).numpy().view(f"<u{k}")
         planes = _split_planes(words, sign_first=True)
         exponents = [127, 127, 126, 125, 1, 254]  # 3e38 = 1.76 * 2**127
         assert planes[-1].tolist() == exponents
-        assert (planes[0] & 1).tolist() == [0, 1, 0, 1, 0, 1]  # the sign, at the bottom
+        assert (planes[-2] & 1).tolist() == [0, 1, 0, 1, 0, 1]  # the sign, just below
 
 
 def test_bytegroup_compresses_exponents_better_than_plain_zstd_planes():
