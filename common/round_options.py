@@ -72,7 +72,7 @@ class FusionHyperparameters:
         default=8, metadata=_h("batches the RegMean Gram matrices are averaged over")
     )
     eval_examples: int = field(default=64, metadata=_h("validation examples scored before and after"))
-    codec: str = field(default="zstd", metadata=_h("codec the payload is encoded with"))
+    codec: str = field(default="bytegroup", metadata=_h("codec the payload is encoded with"))
     seed: int = field(default=0, metadata=_h("seed for shuffling and dropout"))
 
     @classmethod

@@ -73,7 +73,7 @@ class LocalClusterConfig:
         """A fusion round's options as the coordinator takes them (statistics follow the merge method)."""
         return {
             "peft_method": self.peft,
-            "codec": "zstd",
+            "codec": "bytegroup",
             "hyperparameters": {
                 "steps": self.fusion_steps,
                 "batch_size": 8,

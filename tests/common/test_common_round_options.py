@@ -17,7 +17,7 @@ from coldswarm.common.round_options import (
 )
 from coldswarm.proto import coldswarm_pb2 as pb
 
-CODECS = ["none", "zstd"]
+CODECS = ["none", "zstd", "bytegroup"]
 
 
 def check(kind: str, options: dict, **kw) -> None:
@@ -32,7 +32,7 @@ def check(kind: str, options: dict, **kw) -> None:
             "unknown fusion hyperparameter(s) ['stpes'] (did you mean 'steps'?)",
         ),
         ({"peft_method": "prompt"}, "peft_method must be lora, ia3 or full"),
-        ({"codec": "rar"}, "unknown codec 'rar'; choose one of ['none', 'zstd']"),
+        ({"codec": "rar"}, "unknown codec 'rar'; choose one of ['bytegroup', 'none', 'zstd']"),
         ({"statistics": ["hessian"]}, "unknown statistics ['hessian']"),
         ({"hyperparameters": {"steps": 0}}, "steps and batch_size must be at least 1"),
         ({"hyperparameters": [1]}, "JSON object"),
