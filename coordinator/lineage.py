@@ -58,15 +58,17 @@ class ChartSpec:
 #: the headline charts, in page order; every other metric a manifest carries goes to "more metrics"
 HEADLINE_CHARTS = (
     ChartSpec(
-        "mod_loss", "MoD loss on held-out text (mean over modes)", ("mod_loss",), "loss (lower is better)"
+        "mod_loss", "MoD loss on held-out text, mean over modes (lower is better)", ("mod_loss",), "MoD loss"
     ),
     ChartSpec(
         "exact_match",
-        "Exact match",
+        "Exact match (higher is better)",
         ("seen_exact_match", "heldout_exact_match", "heldout_exact_match_before"),
-        "exact match (higher is better)",
+        "exact match",
     ),
-    ChartSpec("token_loss", "Token loss on the seen tasks", ("seen_token_loss",), "loss (lower is better)"),
+    ChartSpec(
+        "token_loss", "Token loss on the seen tasks (lower is better)", ("seen_token_loss",), "token loss"
+    ),
 )
 
 

@@ -113,6 +113,7 @@ class StatusData:
         app = self.app
         rounds = app.rounds.list()
         live = app.rounds.live()
+        series = self._series(view.series_round, live, {r.id: r for r in rounds})  # first: it may refuse
         entries = self._entries()
         return {
             "generated_at": time.time(),
@@ -136,7 +137,7 @@ class StatusData:
             "live_round": self._live(live),
             "rounds": [self._round(r, view.admin) for r in rounds[-MAX_ROUNDS:]][::-1],
             "rounds_shown": min(len(rounds), MAX_ROUNDS),
-            "series": self._series(view.series_round, live, {r.id: r for r in rounds}),
+            "series": series,
             "series_rounds": app.series.rounds(),
             "workers": self._workers(view.admin),
         }

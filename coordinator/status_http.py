@@ -26,7 +26,8 @@ lines and header fields over 8190 bytes and more than 64 headers (400) and bodie
 ``MAX_BODY_BYTES`` (413), and closes connections that send no complete request within
 ``--http-timeout-s`` (slow clients); the middleware here refuses query strings over
 ``MAX_QUERY_BYTES`` (414) and unknown or malformed query parameters (400), unknown paths (404) and
-methods (405), cross-site form posts (403) and form bodies that do not arrive within the timeout (408).
+methods (405), cross-site form posts (403) and form bodies that do not arrive within the timeout (408);
+a connection past ``MAX_CONNECTIONS`` open at once gets a 503 and is closed.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ MAX_HEADERS = 64
 MAX_BODY_BYTES = 16 * 1024  # the login form is the only body this server reads
 MAX_QUERY_BYTES = 1024
 MAX_SESSIONS = 64
+MAX_CONNECTIONS = 256  # open at once; past it a new connection gets a 503 and is closed
 SESSION_TTL_S = 12 * 3600.0
 SESSION_COOKIE = "coldswarm_session"
 REFRESH_S = 10  # the page fetches itself again this often
@@ -190,6 +192,38 @@ SERVER_LOG = logging.getLogger(__name__ + ".server")
 SERVER_LOG.addFilter(_QuietBadRequests())
 
 
+class _TooManyConnections(asyncio.Protocol):
+    """The whole of a connection past :data:`MAX_CONNECTIONS`: a 503, then closed."""
+
+    BODY = b"503 too many connections to the status page; retry shortly\n"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(self.BODY)}\r\nRetry-After: 5\r\nConnection: close\r\n\r\n"
+        )
+        transport.write(head.encode() + self.BODY)
+        transport.close()
+
+
+class _CappedSockSite(web.SockSite):
+    """aiohttp's SockSite, with at most :data:`MAX_CONNECTIONS` connections: each holds a file descriptor of
+    the coordinator's process (the gRPC server needs them too) and may queue work."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner
+        server = self._runner.server
+
+        def protocol():
+            if len(server.connections) >= MAX_CONNECTIONS:
+                return _TooManyConnections()
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol, sock=self._sock, ssl=self._ssl_context, backlog=self._backlog
+        )
+
+
 class HttpError(Exception):
     """A refusal with its status and a message for the person or script that sent the request."""
 
@@ -275,7 +309,7 @@ class StatusServer:
                 logger=SERVER_LOG,
             )
             loop.run_until_complete(self._runner.setup())
-            site = web.SockSite(self._runner, sock, ssl_context=ssl_context, shutdown_timeout=2.0)
+            site = _CappedSockSite(self._runner, sock, ssl_context=ssl_context, shutdown_timeout=2.0)
             loop.run_until_complete(site.start())
         except BaseException as exc:
             sock.close()

@@ -25,11 +25,12 @@ from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
 from . import status_scenario
 from .conftest import make_config
+from .status_scenario import wait_for
 from .test_tls import self_signed
 
 REPO = Path(__file__).resolve().parents[2]
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
-HTTP_TIMEOUT_S = 2.0
+HTTP_TIMEOUT_S = 4.0
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +384,28 @@ def test_slow_clients_are_cut_off_and_the_service_stays_healthy(scenario):
     assert b"did not arrive" in answer
     assert health(scenario) == health_pb2.HealthCheckResponse.SERVING
     assert request(scenario.url, "/").status == 200
+
+
+def test_connections_past_the_cap_get_a_503(scenario, monkeypatch):
+    from coldswarm.coordinator import status_http
+
+    monkeypatch.setattr(status_http, "MAX_CONNECTIONS", 3)
+    parts = urllib.parse.urlsplit(scenario.url)
+    held = []
+    try:
+        for _ in range(3):  # answered, then left open (keep-alive): the server holds each
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn.request("GET", "/static/status.css")
+            assert conn.getresponse().read()
+            held.append(conn)
+        answer = raw(scenario.url, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"too many connections" in answer, answer[:200]
+    finally:
+        for conn in held:
+            conn.close()
+    monkeypatch.undo()
+    wait_for(lambda: request(scenario.url, "/").status == 200, what="the page again")
+    assert health(scenario) == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_the_status_page_serves_tls_with_the_coordinators_certificate(tmp_path, tiny_model):
