@@ -42,18 +42,15 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
-from importlib import resources
 from urllib.parse import urlsplit
 
-import jinja2
 from aiohttp import web
-from markupsafe import Markup
 
 from coldswarm.coordinator.errors import CoordinatorError, NotFound
 from coldswarm.coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coldswarm.coordinator.metrics import CoordinatorMetrics
 from coldswarm.coordinator.status_data import StatusData, View
+from coldswarm.coordinator.status_page import PageRenderer
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +62,8 @@ MAX_SESSIONS = 64
 MAX_CONNECTIONS = 256  # open at once; past it a new connection gets a 503 and is closed
 SESSION_TTL_S = 12 * 3600.0
 SESSION_COOKIE = "coldswarm_session"
-REFRESH_S = 10  # the page fetches itself again this often
 #: the query parameters each route takes (anything else is a 400 that names them); ``v`` busts caches
 QUERY = {"/": ("round",), "/api/status": ("round",), "/static": ("v",)}
-#: the page's files, served from the installed package (assets dir of this package)
-ASSETS = {
-    "status.js": "application/javascript; charset=utf-8",
-    "status.css": "text/css; charset=utf-8",
-    "chart.umd.min.js": "application/javascript; charset=utf-8",
-    "chart.js-LICENSE.md": "text/plain; charset=utf-8",
-}
-ASSETS_DIR = "status_assets"
-CHART_JS_VERSION = "4.6.1"
 # Everything the page loads comes from here; nothing inline runs (the data block is JSON, not script).
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -85,61 +72,6 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
 }
-
-
-@dataclass(frozen=True)
-class Asset:
-    body: bytes
-    content_type: str
-    etag: str
-
-
-def load_assets() -> dict[str, Asset]:
-    root = resources.files("coldswarm.coordinator").joinpath(ASSETS_DIR)
-    out = {}
-    for name, content_type in ASSETS.items():
-        body = root.joinpath(name).read_bytes()
-        out[name] = Asset(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:16] + '"')
-    return out
-
-
-def load_template() -> jinja2.Template:
-    text = resources.files("coldswarm.coordinator").joinpath(ASSETS_DIR, "page.html").read_text()
-    env = jinja2.Environment(
-        autoescape=True, undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True
-    )
-    env.filters.update(ago=_ago, utc=_utc, num=_num, dur=_dur)
-    return env.from_string(text)
-
-
-def _utc(ts) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
-
-
-def _dur(seconds) -> str:
-    if seconds is None:
-        return "-"
-    s = abs(float(seconds))
-    text = f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
-    return text
-
-
-def _ago(ts) -> str:
-    return f"{_dur(time.time() - ts)} ago" if ts else "-"
-
-
-def _num(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1e6 else f"{value:.3g}"
-    return str(value)
-
-
-def _json_for_html(data) -> str:
-    """JSON that is safe inside ``<script type="application/json">`` (no ``</script>``, no ``<!--``)."""
-    text = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 class Sessions:
@@ -251,8 +183,7 @@ class StatusServer:
         self.metrics = metrics
         self.data = StatusData(app, coordinator_version=coordinator_version)
         self.sessions = Sessions()
-        self.assets = load_assets()
-        self.template = load_template()
+        self.page_renderer = PageRenderer()
         self.coordinator_version = coordinator_version
         self.tls = config.tls_cert is not None
         self.timeout_s = float(config.http_timeout_s)
@@ -448,14 +379,7 @@ class StatusServer:
     async def page(self, request: web.Request, login_error: str = "", status: int = 200) -> web.Response:
         admin = self._is_admin(request)
         data = await self._snapshot(self._view(request, admin))
-        html = self.template.render(
-            d=data,
-            data_json=Markup(_json_for_html(data)),
-            login_error=login_error,
-            refresh_s=REFRESH_S,
-            chart_js_version=CHART_JS_VERSION,
-            etag={name: a.etag.strip('"')[:8] for name, a in self.assets.items()},
-        )
+        html = self.page_renderer.render(data, login_error)
         return web.Response(
             text=html, content_type="text/html", status=status, headers={"Cache-Control": "no-store"}
         )
@@ -473,7 +397,7 @@ class StatusServer:
         )
 
     async def static(self, request: web.Request) -> web.Response:
-        asset = self.assets.get(request.match_info["name"])
+        asset = self.page_renderer.assets.get(request.match_info["name"])
         if asset is None:
             raise HttpError(404, f"no file {request.match_info['name'][:60]!r} under /static/")
         if request.headers.get("If-None-Match") == asset.etag:
