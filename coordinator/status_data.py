@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from coldswarm.coordinator import lineage
 from coldswarm.coordinator.errors import NotFound
-from coldswarm.coordinator.series import FIELDS, SOURCES, SeriesSource
+from coldswarm.coordinator.series import FIELDS, SOURCES, TRAINING_PHASE, SeriesSource
 from coldswarm.coordinator.states import AssignmentState, RoundKind, WorkerState
 from coldswarm.proto import coldswarm_pb2 as pb
 
@@ -242,7 +242,10 @@ class StatusData:
         for w in rows:
             caps = _capabilities(w.capabilities)
             progress = _progress(w.progress_json)
-            rate = _number(progress.get("samples_per_s"))
+            # A worker's loss and rate describe its training; an idle worker's last ones are history.
+            training = progress.get("phase") == TRAINING_PHASE
+            rate = _number(progress.get("samples_per_s")) if training else None
+            loss = _number(progress.get("loss"), 1e6) if training and _number(progress.get("step")) else None
             if w.state != WorkerState.GONE:
                 device = caps.device or "unknown"
                 by_device[device] = by_device.get(device, 0) + 1
@@ -261,8 +264,7 @@ class StatusData:
                         "phase": str(progress.get("phase", ""))[:40],
                         "step": _number(progress.get("step")),
                         "total_steps": _number(progress.get("total_steps")),
-                        # A worker that has not taken a step yet reports 0: no loss at all.
-                        "loss": _number(progress.get("loss"), 1e6) if _number(progress.get("step")) else None,
+                        "loss": loss,  # none before its first step (it reports 0 then)
                         "samples_per_s": rate,
                         "last_seen": w.last_seen,
                         "registered_at": w.registered_at,

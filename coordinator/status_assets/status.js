@@ -87,7 +87,8 @@
           backgroundColor: look.color,
           borderWidth: 2,
           pointRadius: points.length > 60 ? 0 : 2.5,
-          tension: curve.stepped ? 0 : 0.25,
+          tension: curve.stepped ? 0 : 0.3,
+          cubicInterpolationMode: "monotone", // smooth, never past the points it joins
           stepped: curve.stepped ? "before" : false,
           spanGaps: true,
         });

@@ -142,6 +142,7 @@ def test_anonymous_view_hides_per_worker_rows_and_the_admin_view_shows_them(scen
     assert data["admin"] is False and data["workers"]["rows"] is None
     assert data["workers"]["active"] == 2 and data["workers"]["registered"] == 2
     assert data["workers"]["by_device"] == {"cpu": 2}
+    assert data["workers"]["samples_per_s"] == 0  # both idle now: their last rates are history
     assert all(v["contributors"] is None for v in data["versions"])
     hidden = scenario.worker_ids + scenario.worker_names + ["ipv4:127.0.0.1"]
     for reply in (anon_json, anon_html):
