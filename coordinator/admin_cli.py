@@ -9,6 +9,7 @@
     merge [--round N] [--method NAME] [--options JSON]
     publish VERSION | rollback VERSION
     download VERSION|latest --out DIR
+    plot --out FILE.png
 
 The admin token comes from --token, --token-file, COLDSWARM_ADMIN_TOKEN or
 COLDSWARM_TOKEN (in that order); the coordinator wrote it to
@@ -101,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="download a version into an HF directory (resumable, verified)")
     d.add_argument("version", help="a number or 'latest'")
     d.add_argument("--out", type=Path, required=True)
+    pl = sub.add_parser(
+        "plot", help="the lineage chart (metrics per version, joined to parents) as a PNG, as the status page"
+    )
+    pl.add_argument("--out", type=Path, required=True, help="the PNG file to write")
     return p
 
 
@@ -283,6 +288,8 @@ def run(args, stub, md) -> object:
         return stub.Publish(pb.PublishRequest(version=args.version), metadata=md, timeout=t)
     if cmd == "rollback":
         return stub.Rollback(pb.RollbackRequest(version=args.version), metadata=md, timeout=t)
+    if cmd == "plot":
+        return plot(args, stub.ListVersions(pb.ListVersionsRequest(), metadata=md, timeout=t))
     if cmd == "download":
         report = download_version(stub, args.version, args.out, metadata=md)
         return {
@@ -293,6 +300,36 @@ def run(args, stub, md) -> object:
             "bytes_reused": report.bytes_reused,
         }
     raise CliError(f"unknown command {cmd}")
+
+
+def plot(args, listing: pb.ListVersionsResponse) -> dict:
+    """Draw the listed versions' lineage chart into ``args.out`` (coordinator/lineage_plot.py)."""
+    from coldswarm.coordinator import lineage
+    from coldswarm.coordinator.lineage_plot import write_png
+
+    entries = [
+        lineage.entry(
+            number=v.number,
+            parent=_opt(v, "parent"),
+            round_id=_opt(v, "round_id"),
+            method=v.method,
+            state=v.state,
+            is_current=v.is_current,
+            created_at=v.created_at,
+            manifest=v.manifest_json,
+        )
+        for v in listing.versions
+    ]
+    current = next((e.number for e in entries if e.is_current), None)
+    try:
+        charts = write_png(
+            entries,
+            args.out,
+            title=f"coldswarm at {args.coordinator}: {len(entries)} versions, {current} published",
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return {"plot": str(args.out), "versions": len(entries), "charts": charts}
 
 
 def explain(exc: grpc.RpcError, args) -> str:
@@ -331,6 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         data = result if isinstance(result, dict) else MessageToDict(result, preserving_proto_field_name=True)
         print(json.dumps(data, indent=2, sort_keys=True))
+    elif isinstance(result, dict) and "plot" in result:
+        print(
+            f"lineage chart of {result['versions']} versions ({result['charts']} charts) written to {result['plot']}"
+        )
     elif isinstance(result, dict):
         print(
             f"version {result['version']} in {result['out']}: {result['files']} files verified "

@@ -25,6 +25,7 @@ from coldswarm.coordinator.contributions import Contributions
 from coldswarm.coordinator.errors import FailedPrecondition
 from coldswarm.coordinator.merge_pipeline import MergePipeline
 from coldswarm.coordinator.rounds import RoundStateMachine
+from coldswarm.coordinator.series import SwarmSeries
 from coldswarm.coordinator.states import VersionKind
 from coldswarm.coordinator.store import Store
 from coldswarm.coordinator.uploads import UploadManager
@@ -52,6 +53,14 @@ class Coordinator:
         self.auth = Auth(self.store, config.admin_token_path)
         self.versions = VersionStore(self.store, self.blobs, data / "versions")
         self.workers = WorkerRegistry(self.store, self.auth, config.worker_gone_after_s)
+        # The swarm's curves per pretrain round: from heartbeats here, from the DHT by the pretrain collector.
+        self.series = SwarmSeries(
+            self.store,
+            max_points=config.series_max_points,
+            min_interval_s=config.series_interval_s,
+            heartbeat_window_s=3 * config.heartbeat_interval_s,
+        )
+        self.workers.on_heartbeat.append(self.series.on_heartbeat)
         # Closing a fusion round queues its merge on the pipeline built below.
         self.rounds = RoundStateMachine(
             self.store,
@@ -158,9 +167,10 @@ class Coordinator:
             self.blobs.delete(sha)
 
     def tick(self) -> None:
-        """What the ticker does every ``tick_s``: write heartbeats, free the assignments of workers gone
-        silent, close rounds whose deadline passed."""
+        """What the ticker does every ``tick_s``: write heartbeats and the swarm's curves from them, free the
+        assignments of workers gone silent, close rounds whose deadline passed."""
         self.workers.flush()
+        self.series.flush()
         self.assignments.expire_silent()
         self.rounds.close_overdue()
 

@@ -97,6 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         f"data in {config.data_dir}",
         flush=True,
     )
+    if running.status_url:
+        print(
+            f"status page on {running.status_url} (Prometheus metrics at {running.status_url}metrics)",
+            flush=True,
+        )
     done = threading.Event()
     # Only in this process: the checkpointer's hivemind children are forked from it and must still die of
     # the SIGTERM hivemind ends them with.

@@ -83,6 +83,19 @@ class CoordinatorConfig:
         hidden=True,
     )
     tick_s: float = _opt(1.0, "How often deadlines are checked and heartbeats flushed to the state.")
+    http_listen: str = _opt(
+        "",
+        "HOST:PORT to serve the status page and Prometheus /metrics on (read-only; TLS with --tls-cert). "
+        "Off when empty; port 0 picks a free one.",
+    )
+    http_timeout_s: float = _opt(
+        10.0,
+        "Seconds an HTTP client has to send a complete request; idle connections close after it too.",
+    )
+    series_max_points: int = _opt(
+        2000, "Points kept per pretrain round and source of the swarm's curves (thinned evenly past it)."
+    )
+    series_interval_s: float = _opt(2.0, "Least seconds between two points of a pretrain round's curve.")
 
     def __post_init__(self):
         self.data_dir = Path(self.data_dir)
@@ -96,6 +109,12 @@ class CoordinatorConfig:
             self.join_token_file = Path(self.join_token_file)
         if not self.merge_delay_s:
             self.merge_delay_s = float(os.environ.get("COLDSWARM_TEST_MERGE_DELAY_S", "0") or 0)
+        if self.http_timeout_s <= 0:
+            raise ValueError("--http-timeout-s must be positive")
+        if self.series_max_points < 4:
+            raise ValueError("--series-max-points must be at least 4")
+        if self.series_interval_s < 0:
+            raise ValueError("--series-interval-s must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key (or neither)")
 

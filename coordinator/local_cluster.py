@@ -60,6 +60,9 @@ class LocalClusterConfig:
     keep_serving: bool = field(
         default=False, metadata={"help": "keep the coordinator running at the end until Ctrl-C"}
     )
+    status_port: int = field(
+        default=0, metadata={"help": "port of the status page on 127.0.0.1 (0: a free one; printed at start)"}
+    )
 
     @property
     def coordinator_dir(self) -> Path:
@@ -135,7 +138,13 @@ def console_script(name: str) -> str:
 
 
 def coordinator_command(
-    data_dir: Path, listen: str, dht_listen: str, join_token_file: Path, evaluator: str, method: str
+    data_dir: Path,
+    listen: str,
+    dht_listen: str,
+    join_token_file: Path,
+    evaluator: str,
+    method: str,
+    http_listen: str,
 ) -> list[str]:
     """The coordinator as coldswarm-local and compose.yaml run it (tests/e2e/test_compose.py compares)."""
     return [
@@ -147,6 +156,7 @@ def coordinator_command(
         f"--join-token-file={join_token_file}",
         f"--evaluator={evaluator}",
         f"--default-method={method}",
+        f"--http-listen={http_listen}",
     ]
 
 
@@ -167,6 +177,7 @@ class LocalCluster:
         self.config = config
         self.procs: list[subprocess.Popen] = []
         self.address = ""
+        self.status_url = ""
         self.admin: pb_grpc.AdminServiceStub | None = None
         self.metadata: list[tuple[str, str]] = []
         self.channel: grpc.Channel | None = None
@@ -193,6 +204,8 @@ class LocalCluster:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         port = free_port()
         self.address = f"127.0.0.1:{port}"
+        status_port = cfg.status_port or free_port()
+        self.status_url = f"http://127.0.0.1:{status_port}/"
         self._spawn(
             coordinator_command(
                 cfg.coordinator_dir,
@@ -201,10 +214,12 @@ class LocalCluster:
                 cfg.join_token_file,
                 cfg.evaluator,
                 cfg.method,
+                f"127.0.0.1:{status_port}",
             ),
             "coordinator",
         )
         self._wait_for_coordinator()
+        print(f"status page: {self.status_url} (lineage, round progress, the swarm's loss curve)", flush=True)
         # Workers train at the same time: more threads than cores make them wait on descheduled siblings
         # (benchmarks/cpu_threads.py: a step 4x slower beside one busy process). Each gets its share.
         threads = max(1, (os.cpu_count() or 1) // cfg.workers)
@@ -391,7 +406,9 @@ def main(argv: list[str] | None = None) -> int:
         print("the command that downloads it while this coordinator serves (--keep-serving keeps it up):")
         print("  " + " ".join(command))
         if config.keep_serving:
-            print(f"\ncoordinator serving on {cluster.address}; Ctrl-C to stop")
+            print(
+                f"\ncoordinator serving on {cluster.address}, status page {cluster.status_url}; Ctrl-C to stop"
+            )
             while True:
                 cluster._check_alive()
                 time.sleep(1)

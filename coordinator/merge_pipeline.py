@@ -72,6 +72,8 @@ class MergePipeline:
         self.config = config
         self.evaluator = load_evaluator(config.evaluator)
         self._merge_lock = threading.Lock()  # one merge at a time (memory)
+        # Called with ("merge" | "evaluate", seconds) after each step, e.g. by the Prometheus metrics.
+        self.on_stage_seconds: list[Callable[[str, float], None]] = []
         self._queue: queue.Queue[int | None] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,6 +168,7 @@ class MergePipeline:
                 out = work / "model"
                 t0 = time.monotonic()
                 report = self._merge_weights(rnd, method, options, contributions, out)
+                self._timed("merge", t0)
                 if self.config.merge_delay_s:
                     # Test hook (COLDSWARM_TEST_MERGE_DELAY_S): widen the window in which a kill
                     # lands mid-merge, after the weights are written but before anything is recorded.
@@ -198,7 +201,19 @@ class MergePipeline:
         """The configured evaluator's metrics for ``model_dir``; empty without an evaluator."""
         if self.evaluator is None:
             return {}
-        return dict(self.evaluator(model_dir) or {})
+        began = time.monotonic()
+        try:
+            return dict(self.evaluator(model_dir) or {})
+        finally:
+            self._timed("evaluate", began)
+
+    def _timed(self, stage: str, began: float) -> None:
+        seconds = time.monotonic() - began
+        for callback in self.on_stage_seconds:
+            try:
+                callback(stage, seconds)
+            except Exception:  # a listener's bug must not fail a merge
+                log.exception("stage-seconds listener failed")
 
     def _publishes(self, rnd: RoundRow, metrics: dict) -> bool:
         """Whether ``rnd``'s merged candidate, evaluated to ``metrics``, becomes the published version.

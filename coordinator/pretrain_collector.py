@@ -33,6 +33,7 @@ from pathlib import Path
 
 from coldswarm.coordinator.app import Coordinator
 from coldswarm.coordinator.rounds import RoundRow
+from coldswarm.coordinator.series import SeriesSource, dht_values
 from coldswarm.coordinator.states import RoundKind, RoundState, VersionKind
 
 log = logging.getLogger(__name__)
@@ -152,13 +153,17 @@ class PretrainCollector:
         """While the round is open and before its deadline, wait until a peer reports ``epochs``.
 
         Peers publish their progress on the DHT every few seconds; reading it is cheap, unlike a state
-        download, so the checkpointer downloads only once the swarm is there (or the round closed).
+        download, so the checkpointer downloads only once the swarm is there (or the round closed). Each
+        reading is also recorded as a point of the round's ``dht`` curve (:mod:`coldswarm.coordinator.series`).
         """
         while not self._stop.is_set():
             current = self.app.rounds.get(rnd.id)
             if current.state != RoundState.OPEN or (current.deadline and time.time() >= current.deadline):
                 return
-            if self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0) >= epochs:
+            metrics = self.ckpt.swarm_metrics(rnd.run_id)
+            # The same reading is a point of the round's curves (loss, samples/s, peers) on the status page.
+            self.app.series.record(rnd.id, SeriesSource.DHT, dht_values(metrics))
+            if metrics.get("swarm_epoch_reported", 0) >= epochs:
                 return
             self._stop.wait(self.poll_s)
 

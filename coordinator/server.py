@@ -1,4 +1,4 @@
-"""The gRPC server: coordinator services, health, reflection, optional TLS."""
+"""The gRPC server: coordinator services, health, reflection, optional TLS; the status page beside it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from grpc_reflection.v1alpha import reflection
 
 from coldswarm.coordinator.app import Coordinator
 from coldswarm.coordinator.config import CoordinatorConfig
-from coldswarm.coordinator.service import AdminServicer, WorkerServicer
+from coldswarm.coordinator.metrics import CoordinatorMetrics
+from coldswarm.coordinator.rpc_metrics import MetricsInterceptor
+from coldswarm.coordinator.service import COORDINATOR_VERSION, AdminServicer, WorkerServicer
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -42,8 +44,17 @@ class RunningServer:
     address: str
     health: health.HealthServicer
     collector: object | None = None  # the PretrainCollector, with --dht-listen
+    metrics: CoordinatorMetrics | None = None
+    status: object | None = None  # the StatusServer, with --http-listen
+
+    @property
+    def status_url(self) -> str:
+        """The status page's address ("" without --http-listen)."""
+        return self.status.url if self.status is not None else ""
 
     def stop(self, grace: float = 2.0) -> None:
+        if self.status is not None:
+            self.status.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         if self.collector is not None:
@@ -64,6 +75,8 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
             config.dht_listen, config.dht_announce, Path(config.data_dir) / "dht.key"
         )
     app = Coordinator(config, dht_peers=None if collector is None else collector.initial_peers)
+    metrics = CoordinatorMetrics(app)
+    app.merges.on_stage_seconds.append(metrics.observe_stage)  # before start(): recovery may merge
     token = app.init_state()
     if token is not None:
         # Said once, at first start; the file stays readable only by this user.
@@ -82,6 +95,7 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
             *TCP_TUNING,
         ],
         maximum_concurrent_rpcs=None,
+        interceptors=[MetricsInterceptor(metrics)],
     )
     pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
@@ -106,4 +120,13 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
     host = config.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     log.info("serving on %s%s", address, " with TLS" if config.tls_cert else "")
-    return RunningServer(server, app, port, address, health_servicer, collector)
+    running = RunningServer(server, app, port, address, health_servicer, collector, metrics)
+    if config.http_listen:
+        from coldswarm.coordinator.status_http import StatusServer
+
+        try:
+            running.status = StatusServer(app, config, metrics, COORDINATOR_VERSION).start()
+        except BaseException:
+            running.stop(grace=0)
+            raise
+    return running

@@ -194,7 +194,7 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
     @rpc("join")
     def Register(self, request, context, principal: Principal):
         worker_id, token = self.app.workers.register(
-            principal, request.name, request.capabilities.SerializeToString()
+            principal, request.name, request.capabilities.SerializeToString(), address=context.peer()
         )
         return pb.RegisterResponse(
             worker_id=worker_id,

@@ -1,7 +1,8 @@
 """Durable state: one SQLite database in WAL mode, with numbered migrations.
 
 Every table the coordinator keeps lives here: runs, versions (and their files),
-rounds, assignments, workers, contributions, tokens and uploads in progress.
+rounds, assignments, workers, contributions, tokens, uploads in progress and the
+swarm's curves per pretrain round (:mod:`coldswarm.coordinator.series`).
 Blobs (weights, contributions) are files in :mod:`coldswarm.coordinator.blobs`;
 a row names a blob by sha256 only after the blob is complete and verified.
 
@@ -124,6 +125,23 @@ MIGRATIONS: list[tuple[str, str]] = [
             created_at REAL NOT NULL,
             UNIQUE (worker_id, round_id)
         );
+        """,
+    ),
+    (
+        "swarm series per round; worker addresses",
+        """
+        CREATE TABLE round_series (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            round_id INTEGER NOT NULL REFERENCES rounds(id),
+            source TEXT NOT NULL,
+            t REAL NOT NULL,
+            loss REAL,
+            samples_per_s REAL,
+            peers REAL,
+            epoch REAL
+        );
+        CREATE INDEX round_series_by_round ON round_series(round_id, source, t);
+        ALTER TABLE workers ADD COLUMN address TEXT NOT NULL DEFAULT ''
         """,
     ),
 ]

@@ -9,15 +9,19 @@ seconds of heartbeats in a crash only makes workers look a little older.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from coldswarm.coordinator.auth import Auth, Principal
 from coldswarm.coordinator.errors import NotFound
 from coldswarm.coordinator.states import AssignmentState, RoundState, WorkerState
 from coldswarm.coordinator.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -30,6 +34,8 @@ class WorkerRow:
     state: str  # a WorkerState
     assignment_id: str
     progress_json: str
+    token_id: str = ""  # the join token it came with
+    address: str = ""  # where it registered from (gRPC's peer string, e.g. ipv4:10.0.0.7:51234)
 
 
 class WorkerRegistry:
@@ -44,17 +50,22 @@ class WorkerRegistry:
             r["id"]: r["last_seen"]
             for r in store.all("SELECT id, last_seen FROM workers WHERE left_at IS NULL")
         }
+        # Called with (worker id, progress, time) after every heartbeat, e.g. by the swarm's series.
+        self.on_heartbeat: list[Callable[[str, dict, float], None]] = []
 
-    def register(self, principal: Principal, name: str, capabilities: bytes) -> tuple[str, str]:
-        """A new worker joined with ``principal``'s join token; returns (worker id, session token)."""
+    def register(
+        self, principal: Principal, name: str, capabilities: bytes, address: str = ""
+    ) -> tuple[str, str]:
+        """A new worker joined with ``principal``'s join token from ``address``; returns (worker id,
+        session token)."""
         worker_id = f"w-{secrets.token_hex(6)}"
         token, h = self.auth.new_session()
         now = time.time()
         with self.store.tx() as c:
             c.execute(
-                "INSERT INTO workers(id, name, capabilities, token_id, session_hash, registered_at, last_seen) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (worker_id, name[:200], capabilities, principal.token_id, h, now, now),
+                "INSERT INTO workers(id, name, capabilities, token_id, session_hash, registered_at, last_seen, "
+                "address) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (worker_id, name[:200], capabilities, principal.token_id, h, now, now, address[:200]),
             )
         self.auth.add_session(h, worker_id, principal.token_id)
         with self._lock:
@@ -68,6 +79,11 @@ class WorkerRegistry:
                 raise NotFound(f"unknown worker {worker_id}: register again with a join token")
             self._known[worker_id] = now
             self._seen[worker_id] = (now, json.dumps(progress, sort_keys=True))
+        for callback in self.on_heartbeat:
+            try:
+                callback(worker_id, progress, now)
+            except Exception:  # a listener's bug must not fail the worker's heartbeat
+                log.exception("heartbeat listener failed")
 
     def touch(self, worker_id: str) -> None:
         """Any call from a worker counts as a sign of life."""
@@ -140,6 +156,8 @@ class WorkerRegistry:
                     state=state,
                     assignment_id=active.get(r["id"], ""),
                     progress_json=r["progress_json"],
+                    token_id=r["token_id"],
+                    address=r["address"],
                 )
             )
         return out

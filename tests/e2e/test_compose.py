@@ -25,7 +25,7 @@ def test_coordinator_service_matches_local_cluster(compose):
     command = compose["services"]["coordinator"]["command"]
     defaults = local_cluster.LocalClusterConfig()
     local = local_cluster.coordinator_command(
-        Path("/d"), "h:1", "/ip4/0.0.0.0/tcp/1", Path("/d/j"), defaults.evaluator, defaults.method
+        Path("/d"), "h:1", "/ip4/0.0.0.0/tcp/1", Path("/d/j"), defaults.evaluator, defaults.method, "h:2"
     )
     assert command[:2] == local[:2] == ["coldswarm-coordinator", "serve"]
     assert flag_names(command) == flag_names(local)
@@ -66,5 +66,42 @@ def test_worker_service_is_scalable(compose):
 def test_docker_compose_config_accepts_the_file():
     result = subprocess.run(
         ["docker-compose", "-f", str(REPO / "compose.yaml"), "config", "-q"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def uncommented_prometheus(text: str) -> str:
+    """compose.yaml with its commented-out prometheus service put back."""
+    lines, out, inside = text.splitlines(), [], False
+    for line in lines:
+        if line.startswith("  # prometheus:"):
+            inside = True
+        if inside and line.startswith("  #"):
+            line = "  " + line[4:]
+        elif inside:
+            inside = False
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def test_the_commented_prometheus_service_scrapes_the_coordinators_status_port(compose, tmp_path):
+    full = yaml.safe_load(uncommented_prometheus((REPO / "compose.yaml").read_text()))
+    prometheus = full["services"]["prometheus"]
+    mount = prometheus["volumes"][0].split(":")
+    assert mount[1] == "/etc/prometheus/prometheus.yml"
+    config = yaml.safe_load((REPO / mount[0]).read_text())
+    target = config["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    listen = next(a for a in compose["services"]["coordinator"]["command"] if a.startswith("--http-listen="))
+    assert target == "coordinator:" + listen.rsplit(":", 1)[1]
+    assert config["scrape_configs"][0]["metrics_path"] == "/metrics"
+    if shutil.which("docker-compose") is None:
+        pytest.skip("Debian's docker-compose is not installed: validated the YAML only")
+    path = tmp_path / "compose.yaml"
+    path.write_text(uncommented_prometheus((REPO / "compose.yaml").read_text()))
+    (tmp_path / "docs").mkdir()
+    shutil.copy(REPO / "docs" / "prometheus.yml", tmp_path / "docs" / "prometheus.yml")
+    shutil.copy(REPO / "Dockerfile", tmp_path / "Dockerfile")
+    result = subprocess.run(
+        ["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
