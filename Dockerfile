@@ -11,11 +11,13 @@ RUN pip install --index-url "$TORCH_INDEX" torch==2.13.0
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY proto proto
+COPY common common
+COPY swarm swarm
+COPY fusion fusion
+COPY lm lm
 COPY coordinator coordinator
 COPY worker worker
-COPY fusion fusion
-COPY proto proto
-COPY lm lm
 RUN pip install . && useradd --create-home --uid 1000 coldswarm && mkdir -p /data /work && chown coldswarm /data /work
 
 USER coldswarm

@@ -105,3 +105,18 @@ def test_the_commented_prometheus_service_scrapes_the_coordinators_status_port(c
         ["docker-compose", "-f", str(path), "config", "-q"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_the_image_copies_every_installed_folder():
+    # The image installs the project from the folders it copies: one that pyproject maps but the
+    # Dockerfile does not copy makes `docker compose build` fail (it did once, after common/ and swarm/).
+    import tomllib
+
+    package_dir = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    copied = {
+        line.split()[1]
+        for line in (REPO / "Dockerfile").read_text().splitlines()
+        if line.startswith("COPY ") and len(line.split()) == 3
+    }
+    missing = sorted({folder.split("/")[0] for folder in package_dir.values()} - copied)
+    assert not missing, f"the Dockerfile does not COPY {missing}"
