@@ -115,7 +115,9 @@ class PretrainCollector:
             state = app.rounds.get(rnd.id).state
             if state not in _COLLECTING:
                 return  # cancelled meanwhile (watch told the peers)
-            reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
+            timeout = float(rnd.options.get("collect_timeout_s", 120.0))
+            deadline = time.monotonic() + timeout
+            reached = self._epoch_reached(rnd, epochs, early=state != RoundState.OPEN, deadline=deadline)
             if reached == 0 and state != RoundState.OPEN:
                 raise RuntimeError("the round ended before the swarm took its first optimizer step")
             # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
@@ -124,7 +126,7 @@ class PretrainCollector:
                 app.versions.directory(rnd.base_version),
                 out,
                 min_epoch=min(epochs, max(reached, 1)),
-                timeout=float(rnd.options.get("collect_timeout_s", 120.0)),
+                timeout=max(deadline - time.monotonic(), self.poll_s),
             )
             metrics = {**metrics, **app.merges.evaluate(out)}
             if app.rounds.get(rnd.id).state not in _COLLECTING:
@@ -166,6 +168,24 @@ class PretrainCollector:
             if metrics.get("swarm_epoch_reported", 0) >= epochs:
                 return
             self._stop.wait(self.poll_s)
+
+    def _epoch_reached(self, rnd: RoundRow, epochs: int, *, early: bool, deadline: float) -> int:
+        """The newest epoch a peer reported; for a round that ended early, waiting (until ``deadline``) for
+        the report of a first step.
+
+        Peers publish their metrics every ``metrics_period`` (5 s by default) without waiting, and their
+        last word when they stop training, which they do only once a heartbeat told them the round closed.
+        Read at the moment of the close, the DHT may still hold a record from before the swarm's first
+        step while the swarm is epochs further (the heartbeats said so): that snapshot must not decide
+        that the swarm never stepped (issue 13, item 10). So after an early close the peers get the
+        collection's own time budget (``collect_timeout_s``) to publish their last word."""
+        reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
+        while early and reached == 0 and time.monotonic() < deadline and not self._stop.is_set():
+            self._stop.wait(min(self.poll_s, max(0.0, deadline - time.monotonic())))
+            reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
+        if reached:
+            log.info("round %d: the swarm reported epoch %d of %d", rnd.id, reached, epochs)
+        return reached
 
     def stop(self) -> None:
         self._stop.set()

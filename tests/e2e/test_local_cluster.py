@@ -85,7 +85,13 @@ def _name(process: psutil.Process) -> str | None:
 @pytest.mark.timeout(1500)  # its own waits add up past the suite's 600 s per test
 def test_pretrain_round_closed_early_records_the_epoch_the_swarm_reached(tmp_path, processes):
     """An admin (or a deadline) ending a pretrain round before its epochs: the workers stop training but keep
-    serving, and the checkpointer records the swarm's state at the epoch it reached."""
+    serving, and the checkpointer records the swarm's state at the epoch it reached.
+
+    The round closes once heartbeats show epoch 2, while the checkpointer learns the swarm's epoch from the
+    peers' DHT metrics records. Those are published every ``metrics_period``; here it is an hour, so the
+    only records are a peer's first (epoch 0) and the last word it publishes when it stops. The window in
+    which the two sources disagree is then the whole round, not a few seconds: the checkpointer must wait
+    for the peers' last word (issue 13, item 10), whatever the machine's load."""
     from coldswarm.proto import coldswarm_pb2 as pb
 
     config = LocalClusterConfig(
@@ -99,8 +105,10 @@ def test_pretrain_round_closed_early_records_the_epoch_the_swarm_reached(tmp_pat
     cluster = LocalCluster(config)
     try:
         cluster.start()
+        options = config.pretrain_options()
+        options["hyperparameters"]["metrics_period"] = 3600.0
         request = pb.OpenRoundRequest(
-            kind="pretrain", quorum=2, deadline_s=600, options_json=json.dumps(config.pretrain_options())
+            kind="pretrain", quorum=2, deadline_s=600, options_json=json.dumps(options)
         )
         opened = cluster.admin.OpenRound(request, metadata=cluster.metadata)
         deadline = time.monotonic() + 300
