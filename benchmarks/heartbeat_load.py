@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from coldswarm.common.channel import bearer, open_channel
+from coldswarm.coordinator.local_cluster import free_port
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -133,9 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="coldswarm-hb-") as tmp:
         work = Path(tmp)
         base = build_tiny_model(work / "base")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         address = f"127.0.0.1:{port}"
         data_dir = work / "data"
         coord = subprocess.Popen(

@@ -35,6 +35,7 @@ from safetensors.torch import save, save_file
 
 from coldswarm.common.channel import bearer, open_channel
 from coldswarm.common.fetch import download_version
+from coldswarm.coordinator.local_cluster import free_port
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -194,9 +195,7 @@ def main() -> None:
                 metadata={"coldswarm": json.dumps({"format": 1, "form": "delta", "base_version": 0})},
             )
         )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         data_dir = work / "data"
         log = open(work / "coordinator.log", "wb")
         coord = subprocess.Popen(

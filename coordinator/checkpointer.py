@@ -7,17 +7,17 @@ uses, fp32, exact), puts it into a model of the round's base architecture, and w
 ``from_pretrained`` loads, plus the swarm's metrics. It never trains and never takes part in averaging: it
 attaches to the run's state averager with state sharing off, so no worker ever downloads from it.
 
-Usage (the round manager)::
+Usage (what :class:`~coldswarm.coordinator.pretrain_collector.PretrainCollector` does)::
 
     from coldswarm.coordinator.checkpointer import Checkpointer, CheckpointerConfig
 
     ckpt = Checkpointer(CheckpointerConfig(host_maddrs=["/ip4/0.0.0.0/tcp/31337"],
                                            identity_path=data_dir / "dht.key"))
     ckpt.start()
-    task.initial_peers.extend(ckpt.initial_peers)            # hand these to workers
+    app = Coordinator(config, dht_peers=ckpt.initial_peers)  # handed to workers (Register, PretrainTask)
     ...                                                      # workers train run_id for `epochs` epochs
     metrics = ckpt.collect(run_id, base_model_dir, out_dir, min_epoch=epochs, timeout=600)
-    record_version(out_dir, round_id, kind="pretrain", metrics=metrics)
+    app.merges.record_version(out_dir, round_id, kind=VersionKind.PRETRAIN, metrics=metrics)
     ckpt.shutdown()                                          # at coordinator exit
 
 ``collect`` writes ``out_dir`` through fusion's model-directory writer
@@ -182,24 +182,27 @@ class Checkpointer:
         Afterwards it announces the collection under ``collected_key(run_id)`` so workers waiting in
         ``SwarmTrainer.serve_state`` may leave.
         """
-        from hivemind.utils import get_dht_time
-        from transformers import AutoModelForSeq2SeqLM
-
         self._require_started()
         self._validate_run(run_id)
-        register_safe_codecs()
         base_model_dir, out_dir = Path(base_model_dir), Path(out_dir)
         if out_dir.exists():
             raise FileExistsError(f"{out_dir} exists; a version directory is written once")
         began = time.monotonic()
+        model, named = _base_model(base_model_dir)
+        epoch, loaded = self._download_state(run_id, named, min_epoch, began + timeout)
+        _load_parameters(run_id, named, loaded)
+        self._write_version_dir(model, base_model_dir, out_dir)
+        metrics = {"epoch": float(epoch), **self.swarm_metrics(run_id)}
+        metrics["collect_seconds"] = time.monotonic() - began
+        self._announce_collected(run_id, epoch)
+        logger.info("collected run %s at epoch %d into %s: %s", run_id, epoch, out_dir, metrics)
+        return metrics
 
-        # Built exactly as the workers build theirs (from_pretrained of the base), so the parameter list
-        # matches: from_config would tie lm_head to the embeddings (transformers 5.x forces tying in T5Config)
-        # where the base keeps its own lm_head, and the swarm's trained lm_head would be lost.
-        model = AutoModelForSeq2SeqLM.from_pretrained(base_model_dir, dtype=torch.float32)
-        named = swarm_parameters(model)
+    def _download_state(self, run_id: str, named, min_epoch: int, deadline: float) -> tuple[int, list]:
+        """The swarm's state (its epoch and tensors) from a peer serving ``run_id`` at ``min_epoch`` or later,
+        downloaded into copies of ``named``'s parameters."""
+        register_safe_codecs()
         tensors = [param.detach().to("cpu", torch.float32).clone() for _, param in named]
-
         # A plain averager under the run's state-averager prefix: it can download what the workers'
         # TrainingStateAverager serves, but never steps (never joins an averaging group) and does not offer its
         # own state (allow_state_sharing=False), so it changes nothing in the swarm.
@@ -213,35 +216,16 @@ class Checkpointer:
             next_chunk_timeout=self.config.load_state_timeout,
         )
         try:
-            metadata, loaded = self._download(averager, run_id, min_epoch, began + timeout)
+            metadata, loaded = self._download(averager, run_id, min_epoch, deadline)
         finally:
             averager.shutdown()
+        return int(metadata["epoch"]), loaded
 
-        epoch = int(metadata["epoch"])
-        # The download holds the trained parameters first (in swarm_parameters order), then the optimizer's
-        # statistics (Adam: two moments per parameter, and its step counters), which a version does not keep.
-        if len(loaded) < len(named):
-            raise CollectError(
-                f"run {run_id}: peer sent {len(loaded)} tensors, base architecture has {len(named)} trained "
-                "parameters; was the round started from this base version?"
-            )
-        state = {}
-        for (name, param), tensor in zip(named, loaded[: len(named)], strict=True):
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CollectError(
-                    f"run {run_id}: tensor for {name} has shape {tuple(tensor.shape)}, base has {tuple(param.shape)}"
-                )
-            state[name] = tensor
-        with torch.no_grad():
-            for name, param in named:
-                param.copy_(state[name].to(param.dtype))
+    def _announce_collected(self, run_id: str, epoch: int) -> None:
+        """Tell the run's peers serving their state that it was collected (at ``epoch``): they may leave."""
+        from hivemind.utils import get_dht_time
 
-        self._write_version_dir(model, base_model_dir, out_dir)
-        metrics = {"epoch": float(epoch), **self.swarm_metrics(run_id)}
-        metrics["collect_seconds"] = time.monotonic() - began
         self.dht.store(collected_key(run_id), epoch, expiration_time=get_dht_time() + 3600)
-        logger.info("collected run %s at epoch %d into %s: %s", run_id, epoch, out_dir, metrics)
-        return metrics
 
     def announce_end(self, run_id: str) -> None:
         """Tell the run's peers serving their state that nothing will be collected (the round was cancelled
@@ -298,6 +282,38 @@ class Checkpointer:
     def _require_started(self) -> None:
         if self.dht is None:
             raise RuntimeError("Checkpointer is not started: call start()")
+
+
+def _base_model(base_model_dir: Path):
+    """The round's base model and its trained parameters in the swarm's order (``swarm_parameters``)."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    # Built exactly as the workers build theirs (from_pretrained of the base), so the parameter list
+    # matches: from_config would tie lm_head to the embeddings (transformers 5.x forces tying in T5Config)
+    # where the base keeps its own lm_head, and the swarm's trained lm_head would be lost.
+    model = AutoModelForSeq2SeqLM.from_pretrained(base_model_dir, dtype=torch.float32)
+    return model, swarm_parameters(model)
+
+
+def _load_parameters(run_id: str, named, loaded: list) -> None:
+    """Copy the downloaded tensors into the model's parameters ``named``, after checking they fit."""
+    # The download holds the trained parameters first (in swarm_parameters order), then the optimizer's
+    # statistics (Adam: two moments per parameter, and its step counters), which a version does not keep.
+    if len(loaded) < len(named):
+        raise CollectError(
+            f"run {run_id}: peer sent {len(loaded)} tensors, base architecture has {len(named)} trained "
+            "parameters; was the round started from this base version?"
+        )
+    state = {}
+    for (name, param), tensor in zip(named, loaded[: len(named)], strict=True):
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CollectError(
+                f"run {run_id}: tensor for {name} has shape {tuple(tensor.shape)}, base has {tuple(param.shape)}"
+            )
+        state[name] = tensor
+    with torch.no_grad():
+        for name, param in named:
+            param.copy_(state[name].to(param.dtype))
 
 
 def _state_downloader_class():

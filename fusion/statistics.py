@@ -108,6 +108,61 @@ def _to(batch: Batch, device: torch.device) -> dict[str, Any]:
     return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
 
+def _fisher_parameters(
+    params: dict[str, nn.Parameter], targets: list[str] | None, param_names: Iterable[str] | None
+) -> list[str]:
+    """The parameter names a Fisher covers: ``param_names``, else a PEFT model's targets, else every
+    parameter that requires grad; each must exist."""
+    if param_names is not None:
+        wanted = list(param_names)
+    elif targets is not None:
+        wanted = targets
+    else:
+        wanted = [n for n, p in params.items() if p.requires_grad]
+    missing = [n for n in wanted if n not in params]
+    if missing:
+        raise ValueError(
+            f"no such parameter(s) in the model: {missing[:3]}; use names from model.named_parameters()"
+        )
+    if not wanted:
+        raise ValueError("no parameters to collect a Fisher for; pass param_names")
+    return wanted
+
+
+def _add_example_fisher(
+    work: nn.Module,
+    ex: dict[str, Any],
+    chosen: list[nn.Parameter],
+    acc: list[Tensor],
+    kind: str,
+    num_samples: int,
+    forward_fn: Callable[[nn.Module, Batch], Tensor],
+    gen: torch.Generator,
+) -> bool:
+    """Add one example's squared log-likelihood gradients (mean over its sampled targets) to ``acc``.
+    Returns False, adding nothing, when the example has no labelled position."""
+    if "labels" not in ex:
+        raise ValueError("batches need 'labels' (positions to score; -100 is ignored)")
+    labels = ex["labels"]
+    logits = forward_fn(work, ex)
+    mask = labels != -100
+    if not bool(mask.any()):
+        return False
+    logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (tokens, V)
+    samples = num_samples if kind == "expected" else 1
+    for s in range(samples):
+        if kind == "expected":
+            y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(labels.device)
+        else:
+            y = labels[mask].unsqueeze(-1)
+        ll = logp.gather(-1, y).sum()
+        grads = torch.autograd.grad(ll, chosen, retain_graph=s < samples - 1, allow_unused=True)
+        for a, g in zip(acc, grads, strict=True):
+            if g is not None:
+                a.add_(g.float().pow(2), alpha=1.0 / samples)
+    return True
+
+
 def collect_fisher(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -134,19 +189,7 @@ def collect_fisher(
         raise ValueError("num_samples must be >= 1")
     work, targets = _plain(model)
     params = dict(work.named_parameters())
-    if param_names is not None:
-        wanted = list(param_names)
-    elif targets is not None:
-        wanted = targets
-    else:
-        wanted = [n for n, p in params.items() if p.requires_grad]
-    missing = [n for n in wanted if n not in params]
-    if missing:
-        raise ValueError(
-            f"no such parameter(s) in the model: {missing[:3]}; use names from model.named_parameters()"
-        )
-    if not wanted:
-        raise ValueError("no parameters to collect a Fisher for; pass param_names")
+    wanted = _fisher_parameters(params, targets, param_names)
     chosen = [params[n] for n in wanted]
     saved = {n: (p.requires_grad) for n, p in params.items()}
     was_training = work.training
@@ -166,26 +209,8 @@ def collect_fisher(
                 if max_examples is not None and count >= max_examples:
                     break
                 ex = _to(_slice(batch, i, n), device)
-                if "labels" not in ex:
-                    raise ValueError("batches need 'labels' (positions to score; -100 is ignored)")
-                labels = ex["labels"]
-                logits = forward_fn(work, ex)
-                mask = labels != -100
-                if not bool(mask.any()):
-                    continue
-                logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (tokens, V)
-                for s in range(num_samples if kind == "expected" else 1):
-                    if kind == "expected":
-                        y = torch.multinomial(logp.detach().exp().cpu(), 1, generator=gen).to(device)
-                    else:
-                        y = labels[mask].unsqueeze(-1)
-                    ll = logp.gather(-1, y).sum()
-                    last = s == (num_samples if kind == "expected" else 1) - 1
-                    grads = torch.autograd.grad(ll, chosen, retain_graph=not last, allow_unused=True)
-                    for a, g in zip(acc, grads, strict=True):
-                        if g is not None:
-                            a.add_(g.float().pow(2), alpha=1.0 / (num_samples if kind == "expected" else 1))
-                count += 1
+                if _add_example_fisher(work, ex, chosen, acc, kind, num_samples, forward_fn, gen):
+                    count += 1
             if max_examples is not None and count >= max_examples:
                 break
     finally:
@@ -210,6 +235,44 @@ def _canonical_linears(model: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def _gram_linears(work: nn.Module, modules: Iterable[str] | None) -> dict[str, nn.Linear]:
+    """The linear layers to collect Grams for: ``modules`` (each a linear with its own weight), else all."""
+    linears = _canonical_linears(work)
+    if modules is None:
+        return linears
+    wanted = list(modules)
+    bad = [m for m in wanted if m not in linears]
+    if bad:
+        raise ValueError(
+            f"not linear layers with their own weight: {bad[:3]}; choose from {sorted(linears)[:5]}..."
+        )
+    return {m: linears[m] for m in wanted}
+
+
+def _default_gram_mask(
+    linears: dict[str, nn.Linear], is_enc_dec: bool, encoder: nn.Module | None, state: dict[str, Any]
+) -> Callable[[str, Tensor, Batch], Tensor | None]:
+    """The padding mask of a layer's input tokens (see the module docstring). ``encoder`` is an
+    encoder-decoder model's encoder (None if it has none); ``state["enc_ptrs"]`` holds the data pointers
+    of this batch's encoder outputs, so that cross-attention projections of them use ``attention_mask``."""
+    # Decoder side = every linear outside the encoder: the decoder's layers and the LM head alike.
+    encoder_ids = {id(m) for m in encoder.modules()} if encoder is not None else set()
+
+    def default_mask(name: str, x: Tensor, batch: Batch) -> Tensor | None:
+        if x.dim() <= 2:
+            return None
+        enc_mask = batch.get("attention_mask")
+        decoder_side = id(linears[name]) not in encoder_ids
+        if is_enc_dec and decoder_side and x.data_ptr() not in state["enc_ptrs"]:
+            m = batch.get("decoder_attention_mask")
+            if m is None and isinstance(batch.get("labels"), Tensor):
+                m = batch["labels"] != -100
+            return m
+        return enc_mask
+
+    return default_mask
+
+
 def collect_gram(
     model: nn.Module,
     batches: Iterable[Batch],
@@ -226,37 +289,13 @@ def collect_gram(
     or None for all); the default handles encoder(-decoder) transformers as described above.
     """
     work, _ = _plain(model)
-    linears = _canonical_linears(work)
-    if modules is not None:
-        wanted = list(modules)
-        bad = [m for m in wanted if m not in linears]
-        if bad:
-            raise ValueError(
-                f"not linear layers with their own weight: {bad[:3]}; choose from {sorted(linears)[:5]}..."
-            )
-        linears = {m: linears[m] for m in wanted}
+    linears = _gram_linears(work, modules)
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = dict.fromkeys(linears, 0)
     state: dict[str, Any] = {"batch": None, "enc_ptrs": set()}
     is_enc_dec = bool(getattr(getattr(work, "config", None), "is_encoder_decoder", False))
     encoder = work.get_encoder() if is_enc_dec and hasattr(work, "get_encoder") else None
-
-    # Decoder side = every linear outside the encoder: the decoder's layers and the LM head alike.
-    encoder_ids = {id(m) for m in encoder.modules()} if encoder is not None else set()
-
-    def default_mask(name: str, x: Tensor, batch: Batch) -> Tensor | None:
-        if x.dim() <= 2:
-            return None
-        enc_mask = batch.get("attention_mask")
-        decoder_side = id(linears[name]) not in encoder_ids
-        if is_enc_dec and decoder_side and x.data_ptr() not in state["enc_ptrs"]:
-            m = batch.get("decoder_attention_mask")
-            if m is None and isinstance(batch.get("labels"), Tensor):
-                m = batch["labels"] != -100
-            return m
-        return enc_mask
-
-    choose = mask_fn or default_mask
+    choose = mask_fn or _default_gram_mask(linears, is_enc_dec, encoder, state)
 
     def hook(name: str):
         def fn(module, args, output):

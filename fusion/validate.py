@@ -92,167 +92,213 @@ def _validate(
     require_fisher: bool,
     require_gram: bool,
 ) -> ValidationReport:
-    label, meta = c.label, c.meta
-
-    def fail(msg: str, tensor: str | None = None) -> ContributionError:
-        return ContributionError(label, msg, tensor=tensor)
-
+    meta = c.meta
+    check = _Checks(c, base)
     if base_version is not None and meta.base_version != base_version:
-        raise fail(
+        raise check.fail(
             f"was trained from base version {meta.base_version}, not the current base {base_version}; "
             "download the current base and train again"
         )
+    check.weights_and_deltas()
+    check.lora()
+    check.ia3()
+    fishers, grams = check.statistics()
+    check.form()
+    check.required_statistics(fishers, grams, require_fisher, require_gram)
+    if check_values:
+        check.values()
+    return ValidationReport(
+        label=c.label,
+        form=meta.form,
+        num_examples=meta.num_examples,
+        base_version=meta.base_version,
+        num_tensors=len(c.names()),
+        params_touched=sorted(check.touched),
+        fisher_params=len(fishers),
+        gram_modules=len(grams),
+    )
 
-    def base_param(name: str, param: str) -> tuple[int, ...]:
-        if param not in base:
-            raise fail(
+
+class _Checks:
+    """The checks of one contribution against one base, one method per kind of tensor or rule, run in the
+    module docstring's order. ``touched`` maps each base parameter given a value to the tensor giving it."""
+
+    def __init__(self, c: Contribution, base: CheckpointReader):
+        self.c, self.base = c, base
+        self.touched: dict[str, str] = {}
+
+    def fail(self, msg: str, tensor: str | None = None) -> ContributionError:
+        return ContributionError(self.c.label, msg, tensor=tensor)
+
+    def base_param(self, name: str, param: str) -> tuple[int, ...]:
+        if param not in self.base:
+            raise self.fail(
                 f"the base has no parameter {param!r}; names must be the base model's parameter names", name
             )
-        return base.shape(param)
+        return self.base.shape(param)
 
-    def same_shape(name: str, param: str) -> None:
-        want = base_param(name, param)
-        if c.shape(name) != want:
-            raise fail(f"shape {c.shape(name)} does not match the base parameter's {want}", name)
+    def same_shape(self, name: str, param: str) -> None:
+        want = self.base_param(name, param)
+        if self.c.shape(name) != want:
+            raise self.fail(f"shape {self.c.shape(name)} does not match the base parameter's {want}", name)
 
-    def need_float(name: str) -> None:
-        if not _float(c.dtype(name)):
-            raise fail(f"dtype {c.dtype(name)} is not a floating-point type", name)
+    def need_float(self, name: str) -> None:
+        if not _float(self.c.dtype(name)):
+            raise self.fail(f"dtype {self.c.dtype(name)} is not a floating-point type", name)
 
-    touched: dict[str, str] = {}
-
-    def claim(param: str, name: str) -> None:
-        if param in touched:
-            raise fail(
-                f"gives {param!r} two values (also via {touched[param]!r}); send one form per parameter", name
-            )
-        touched[param] = name
-
-    for ns in ("weight", "delta"):
-        for p, name in c.entries(ns).items():
-            same_shape(name, p)
-            need_float(name)
-            claim(p, name)
-
-    lora_a, lora_b = c.entries("lora_A"), c.entries("lora_B")
-    if set(lora_a) != set(lora_b):
-        odd = sorted(set(lora_a) ^ set(lora_b))[0]
-        present = lora_a.get(odd) or lora_b[odd]
-        raise fail(
-            "LoRA tensors come in pairs lora_A/<module> and lora_B/<module>; its partner is missing", present
-        )
-    if lora_a and meta.lora is None:
-        raise fail("has LoRA tensors but no 'lora' metadata (r, alpha); save it with from_peft_model's meta")
-    for m, a_name in lora_a.items():
-        b_name = lora_b[m]
-        w = base_param(a_name, f"{m}.weight")
-        if len(w) != 2:
-            raise fail(
-                f"LoRA targets {m}.weight of shape {w}; only 2-D (linear) weights are supported", a_name
-            )
-        a_shape, b_shape = c.shape(a_name), c.shape(b_name)
-        out_dim, in_dim = (w[1], w[0]) if meta.lora.fan_in_fan_out else w
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] < 1:
-            raise fail(
-                f"lora_A {a_shape} and lora_B {b_shape} are not (r, in) and (out, r) with one rank r", a_name
-            )
-        if a_shape[1] != in_dim or b_shape[0] != out_dim:
-            raise fail(
-                f"lora_A {a_shape} / lora_B {b_shape} do not fit the weight {w} "
-                f"(need (r, {in_dim}) and ({out_dim}, r){' with fan_in_fan_out' if meta.lora.fan_in_fan_out else ''})",
-                a_name,
-            )
-        need_float(a_name)
-        need_float(b_name)
-        claim(f"{m}.weight", a_name)
-
-    ia3 = c.entries("ia3")
-    if ia3 and meta.ia3 is None:
-        raise fail("has IA3 tensors but no 'ia3' metadata (feedforward_modules)")
-    ff = set(meta.ia3.feedforward_modules) if meta.ia3 else set()
-    for m, name in ia3.items():
-        w = base_param(name, f"{m}.weight")
-        if len(w) != 2:
-            raise fail(f"IA3 targets {m}.weight of shape {w}; only 2-D (linear) weights are supported", name)
-        scale_dim1 = (m in ff) != meta.ia3.fan_in_fan_out
-        want = w[1] if scale_dim1 else w[0]
-        shape = c.shape(name)
-        n = 1
-        for s in shape:
-            n *= s
-        if n != want or sum(s != 1 for s in shape) > 1:
-            kind = (
-                "feedforward (scales the input dim)" if m in ff else "non-feedforward (scales the output dim)"
-            )
-            raise fail(
-                f"IA3 vector of shape {shape} does not fit {m}.weight {w} as a {kind} module; need {want} values",
+    def claim(self, param: str, name: str) -> None:
+        if param in self.touched:
+            raise self.fail(
+                f"gives {param!r} two values (also via {self.touched[param]!r}); send one form per parameter",
                 name,
             )
-        need_float(name)
-        claim(f"{m}.weight", name)
-        if m not in ff and f"{m}.bias" in base:
-            claim(f"{m}.bias", name)
-    unknown_ff = ff - set(ia3)
-    if ia3 and unknown_ff:
-        raise fail(f"ia3.feedforward_modules names modules without an IA3 vector: {sorted(unknown_ff)[:3]}")
+        self.touched[param] = name
 
-    fishers = c.entries("fisher")
-    for p, name in fishers.items():
-        same_shape(name, p)
-        need_float(name)
-    grams = c.entries("gram")
-    for m, name in grams.items():
-        w = base_param(name, f"{m}.weight")
-        if len(w) != 2:
-            raise fail(f"a Gram matrix needs a 2-D module weight; {m}.weight is {w}", name)
-        if c.shape(name) != (w[1], w[1]):
-            raise fail(f"Gram shape {c.shape(name)} should be ({w[1]}, {w[1]}) for {m}.weight {w}", name)
-        need_float(name)
+    def weights_and_deltas(self) -> None:
+        for ns in ("weight", "delta"):
+            for p, name in self.c.entries(ns).items():
+                self.same_shape(name, p)
+                self.need_float(name)
+                self.claim(p, name)
 
-    forms = {"full": ("weight",), "delta": ("delta",), "lora": ("lora_A",), "ia3": ("ia3",)}
-    if not any(c.entries(ns) for ns in forms[meta.form]):
-        raise fail(f"form is {meta.form!r} but it holds no {forms[meta.form][0]}/ tensors")
-
-    if require_fisher:
-        missing = sorted(p for p in touched if p not in fishers)
-        if missing:
-            raise fail(
-                "the merge method needs a Fisher for every changed parameter; run collect_fisher",
-                f"fisher/{missing[0]}",
+    def lora(self) -> None:
+        c, meta = self.c, self.c.meta
+        lora_a, lora_b = c.entries("lora_A"), c.entries("lora_B")
+        if set(lora_a) != set(lora_b):
+            odd = sorted(set(lora_a) ^ set(lora_b))[0]
+            present = lora_a.get(odd) or lora_b[odd]
+            raise self.fail(
+                "LoRA tensors come in pairs lora_A/<module> and lora_B/<module>; its partner is missing",
+                present,
             )
-    if require_gram:
-        missing = sorted(
-            p[: -len(".weight")] for p in touched
-            if p.endswith(".weight") and len(base.shape(p)) == 2 and p[: -len(".weight")] not in grams
-        )  # fmt: skip
-        if missing:
-            raise fail(
-                "the merge method needs a Gram for every changed linear module; run collect_gram",
-                f"gram/{missing[0]}",
+        if lora_a and meta.lora is None:
+            raise self.fail(
+                "has LoRA tensors but no 'lora' metadata (r, alpha); save it with from_peft_model's meta"
+            )
+        for m, a_name in lora_a.items():
+            b_name = lora_b[m]
+            w = self.base_param(a_name, f"{m}.weight")
+            if len(w) != 2:
+                raise self.fail(
+                    f"LoRA targets {m}.weight of shape {w}; only 2-D (linear) weights are supported", a_name
+                )
+            a_shape, b_shape = c.shape(a_name), c.shape(b_name)
+            out_dim, in_dim = (w[1], w[0]) if meta.lora.fan_in_fan_out else w
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or a_shape[0] < 1:
+                raise self.fail(
+                    f"lora_A {a_shape} and lora_B {b_shape} are not (r, in) and (out, r) with one rank r",
+                    a_name,
+                )
+            if a_shape[1] != in_dim or b_shape[0] != out_dim:
+                raise self.fail(
+                    f"lora_A {a_shape} / lora_B {b_shape} do not fit the weight {w} "
+                    f"(need (r, {in_dim}) and ({out_dim}, r){' with fan_in_fan_out' if meta.lora.fan_in_fan_out else ''})",
+                    a_name,
+                )
+            self.need_float(a_name)
+            self.need_float(b_name)
+            self.claim(f"{m}.weight", a_name)
+
+    def ia3(self) -> None:
+        c, meta = self.c, self.c.meta
+        ia3 = c.entries("ia3")
+        if ia3 and meta.ia3 is None:
+            raise self.fail("has IA3 tensors but no 'ia3' metadata (feedforward_modules)")
+        ff = set(meta.ia3.feedforward_modules) if meta.ia3 else set()
+        for m, name in ia3.items():
+            w = self.base_param(name, f"{m}.weight")
+            if len(w) != 2:
+                raise self.fail(
+                    f"IA3 targets {m}.weight of shape {w}; only 2-D (linear) weights are supported", name
+                )
+            scale_dim1 = (m in ff) != meta.ia3.fan_in_fan_out
+            want = w[1] if scale_dim1 else w[0]
+            shape = c.shape(name)
+            n = 1
+            for s in shape:
+                n *= s
+            if n != want or sum(s != 1 for s in shape) > 1:
+                kind = (
+                    "feedforward (scales the input dim)"
+                    if m in ff
+                    else "non-feedforward (scales the output dim)"
+                )
+                raise self.fail(
+                    f"IA3 vector of shape {shape} does not fit {m}.weight {w} as a {kind} module; need {want} values",
+                    name,
+                )
+            self.need_float(name)
+            self.claim(f"{m}.weight", name)
+            if m not in ff and f"{m}.bias" in self.base:
+                self.claim(f"{m}.bias", name)
+        unknown_ff = ff - set(ia3)
+        if ia3 and unknown_ff:
+            raise self.fail(
+                f"ia3.feedforward_modules names modules without an IA3 vector: {sorted(unknown_ff)[:3]}"
             )
 
-    if check_values:
+    def statistics(self) -> tuple[dict[str, str], dict[str, str]]:
+        """Check the Fisher and Gram tensors' shapes; returns them (``{param: name}``, ``{module: name}``)."""
+        c = self.c
+        fishers = c.entries("fisher")
+        for p, name in fishers.items():
+            self.same_shape(name, p)
+            self.need_float(name)
+        grams = c.entries("gram")
+        for m, name in grams.items():
+            w = self.base_param(name, f"{m}.weight")
+            if len(w) != 2:
+                raise self.fail(f"a Gram matrix needs a 2-D module weight; {m}.weight is {w}", name)
+            if c.shape(name) != (w[1], w[1]):
+                raise self.fail(
+                    f"Gram shape {c.shape(name)} should be ({w[1]}, {w[1]}) for {m}.weight {w}", name
+                )
+            self.need_float(name)
+        return fishers, grams
+
+    def form(self) -> None:
+        meta = self.c.meta
+        forms = {"full": ("weight",), "delta": ("delta",), "lora": ("lora_A",), "ia3": ("ia3",)}
+        if not any(self.c.entries(ns) for ns in forms[meta.form]):
+            raise self.fail(f"form is {meta.form!r} but it holds no {forms[meta.form][0]}/ tensors")
+
+    def required_statistics(
+        self, fishers: dict[str, str], grams: dict[str, str], require_fisher: bool, require_gram: bool
+    ) -> None:
+        touched = self.touched
+        if require_fisher:
+            missing = sorted(p for p in touched if p not in fishers)
+            if missing:
+                raise self.fail(
+                    "the merge method needs a Fisher for every changed parameter; run collect_fisher",
+                    f"fisher/{missing[0]}",
+                )
+        if require_gram:
+            missing = sorted(
+                p[: -len(".weight")] for p in touched
+                if p.endswith(".weight") and len(self.base.shape(p)) == 2 and p[: -len(".weight")] not in grams
+            )  # fmt: skip
+            if missing:
+                raise self.fail(
+                    "the merge method needs a Gram for every changed linear module; run collect_gram",
+                    f"gram/{missing[0]}",
+                )
+
+    def values(self) -> None:
+        """Every tensor finite, every Fisher and Gram diagonal non-negative: one tensor in memory at a time."""
+        c = self.c
         for name in c.names():
             t = c.get(name, dtype=None)
             if not all_finite(t):
                 bad = int((~torch.isfinite(t)).sum())
-                raise fail(
+                raise self.fail(
                     f"{bad} NaN/Inf value(s); the training run diverged -- lower the learning rate and retrain",
                     name,
                 )
             ns = name.split("/", 1)[0]
             if ns == "fisher" and bool((t < 0).any()):
-                raise fail("Fisher values must be non-negative (it is a mean of squared gradients)", name)
+                raise self.fail(
+                    "Fisher values must be non-negative (it is a mean of squared gradients)", name
+                )
             if ns == "gram" and bool((torch.diagonal(t) < 0).any()):
-                raise fail("a Gram matrix (mean of x^T x) must have a non-negative diagonal", name)
-
-    return ValidationReport(
-        label=label,
-        form=meta.form,
-        num_examples=meta.num_examples,
-        base_version=meta.base_version,
-        num_tensors=len(c.names()),
-        params_touched=sorted(touched),
-        fisher_params=len(fishers),
-        gram_modules=len(grams),
-    )
+                raise self.fail("a Gram matrix (mean of x^T x) must have a non-negative diagonal", name)

@@ -1,15 +1,15 @@
-"""Shared fixtures: child-process reaping, free ports, and the GPU marker."""
+"""Shared fixtures: child-process reaping, a free port, and the GPU marker (plain helpers are in support.py)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 import psutil
 import pytest
+from support import free_port
 
 from coldswarm.coordinator.local_cluster import stop_process_groups
 
@@ -27,13 +27,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ProcessGroup:

@@ -17,11 +17,12 @@ from coldswarm.common.round_options import (
 )
 from coldswarm.proto import coldswarm_pb2 as pb
 
-CODECS = ["none", "zstd", "bytegroup"]
+#: the codec names these checks are given (the schema takes them as a parameter: common cannot import fusion)
+GIVEN_CODECS = ["none", "zstd", "bytegroup"]
 
 
 def check(kind: str, options: dict, **kw) -> None:
-    check_round_options(kind, options, codecs=CODECS, **kw)
+    check_round_options(kind, options, codecs=GIVEN_CODECS, **kw)
 
 
 @pytest.mark.parametrize(
@@ -58,7 +59,7 @@ def test_the_task_the_coordinator_writes_is_read_back_by_the_worker():
     options = {"peft_method": "ia3", "codec": "zstd", "hyperparameters": {"steps": 7}, "shard_prefix": "s"}
     task = fusion_task(options, ["regmean"], 2, 4)
     assert task["shard"] == "s:2-of-4" and task["statistics"] == ["regmean"]
-    hp = fusion_hyperparameters(pb.FusionTask(**task), codecs=CODECS)
+    hp = fusion_hyperparameters(pb.FusionTask(**task), codecs=GIVEN_CODECS)
     assert (hp.peft_method, hp.steps, hp.statistics, hp.codec, hp.lr) == ("ia3", 7, ["regmean"], "zstd", 5e-3)
     # The round's own statistics win over what the method would ask for.
     assert fusion_task({"statistics": []}, ["fisher"], 0, 1)["statistics"] == []

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
+from support import save_tiny_t5
 
 from coldswarm.common.channel import bearer, open_channel
 from coldswarm.coordinator.config import CoordinatorConfig
@@ -20,30 +21,10 @@ from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    """A 2-layer T5 of a few thousand parameters, saved as safetensors (no download)."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    config = T5Config(
-        vocab_size=64,
-        d_model=16,
-        d_kv=8,
-        d_ff=32,
-        num_layers=1,
-        num_decoder_layers=1,
-        num_heads=2,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    T5ForConditionalGeneration(config).save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+    """A 1+1-layer T5 of a few thousand parameters, saved as safetensors (no download)."""
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny") / "model")
 
 
 def base_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

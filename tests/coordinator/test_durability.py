@@ -16,6 +16,7 @@ import time
 
 import grpc
 import pytest
+from support import wait_for
 
 from coldswarm.common.channel import bearer, open_channel
 from coldswarm.proto import coldswarm_pb2 as pb
@@ -73,16 +74,6 @@ def start(processes, data_dir, port, base_model, log):
 def kill9(processes, proc) -> None:
     processes.kill(proc)
     proc.wait(timeout=10)
-
-
-def wait_for(predicate, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 def test_kill_during_upload_and_merge(processes, port, tmp_path, tiny_model):

@@ -9,11 +9,12 @@ import sys
 import time
 
 import pytest
+from support import save_tiny_t5, wait_for
 
 from coldswarm.coordinator.store import SCHEMA_VERSION, Store
 from coldswarm.proto import coldswarm_pb2 as pb
 
-from .conftest import build_tiny_model, delta_contribution
+from .conftest import delta_contribution
 
 
 def rounds(h):
@@ -21,13 +22,14 @@ def rounds(h):
 
 
 def wait_state(h, round_id, states, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = [r for r in rounds(h) if r.id == round_id][0]
-        if r.state in states:
-            return r
-        time.sleep(0.05)
-    raise TimeoutError(f"round {round_id} stayed {r.state}")
+    def reached():
+        r = next(r for r in rounds(h) if r.id == round_id)
+        return r if r.state in states else None
+
+    def now() -> str:
+        return f"round {round_id} is {next(r for r in rounds(h) if r.id == round_id).state}"
+
+    return wait_for(reached, timeout, f"round {round_id} to be {' or '.join(states)}", poll=0.05, detail=now)
 
 
 def test_deadline_closes_and_merges_what_arrived(harness, tiny_model):
@@ -116,7 +118,7 @@ def test_pretrain_round_records_a_version(make_harness, tiny_model, tmp_path):
     assert list(a.pretrain.initial_peers) == ["/ip4/127.0.0.1/tcp/31337/p2p/Qm"]
     r = harness.admin.CloseRound(pb.CloseRoundRequest(), metadata=harness.amd)
     assert r.state == "closing" and [c.id for c in closed] == [rnd.id]
-    averaged = build_tiny_model(tmp_path / "averaged", seed=7)
+    averaged = save_tiny_t5(tmp_path / "averaged", seed=7)
     v = harness.app.merges.record_version(averaged, rnd.id, kind="pretrain", metrics={"loss": 3.2})
     assert v.number == 1 and v.parent == 0 and v.kind == "pretrain" and v.is_current
     assert v.manifest["metrics"] == {"loss": 3.2}

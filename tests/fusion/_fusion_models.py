@@ -1,24 +1,16 @@
-"""Tiny models and batches for fusion tests, built from configs (never downloaded)."""
+"""The fusion tests' tiny model (support's tiny T5, two encoder layers, in eval mode) and batches."""
 
 from __future__ import annotations
 
+import support
 import torch
 
-
-def tiny_t5_config(**kw):
-    from transformers import T5Config
-
-    args = dict(vocab_size=48, d_model=16, d_ff=32, num_layers=2, num_decoder_layers=1, num_heads=2, d_kv=8,
-                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
-    args.update(kw)
-    return T5Config(**args)
+#: what the fusion tests' model changes from support.TINY_T5 (their statistics and goldens depend on it)
+FUSION_T5 = dict(vocab_size=48, num_layers=2)
 
 
 def tiny_t5(seed: int = 0, **kw):
-    from transformers import T5ForConditionalGeneration
-
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(tiny_t5_config(**kw)).eval()
+    return support.tiny_t5(seed, **{**FUSION_T5, **kw}).eval()
 
 
 def seq2seq_batches(n_batches: int = 2, batch: int = 3, seed: int = 0, vocab: int = 48):

@@ -1,4 +1,4 @@
-"""Run by tests/worker/test_dht_process.py in a fresh interpreter: averagers that start and stop at once.
+"""Run by tests/swarm/test_dht_process.py in a fresh interpreter: averagers that start and stop at once.
 
 Each averager asks the DHT for things from its own process and may exit before the DHT has opened the reply
 pipe of its last request. Prints how many cycles ran and whether the DHT still answers afterwards.

@@ -26,30 +26,25 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import T5Config, T5ForConditionalGeneration
 
 from coldswarm.swarm.parameters import swarm_parameters
 from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer
 
+# Run as a script, this file's folder is on sys.path but tests/ (support's home) is not.
+TESTS = str(Path(__file__).resolve().parents[1])
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
+import support  # noqa: E402
+
 VOCAB = 256
+#: the peers' model: wider and deeper than support.TINY_T5 so that averaging moves many numbers; no dropout,
+#: so that a peer's gradients can be recomputed exactly (the closed-form test)
+PEER_T5 = dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+               dropout_rate=0.0)  # fmt: skip
 
 
-def tiny_t5(seed: int) -> T5ForConditionalGeneration:
-    config = T5Config(
-        vocab_size=VOCAB,
-        d_model=64,
-        d_kv=16,
-        d_ff=128,
-        num_layers=2,
-        num_decoder_layers=2,
-        num_heads=4,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    torch.manual_seed(seed)
-    return T5ForConditionalGeneration(config)
+def tiny_t5(seed: int):
+    return support.tiny_t5(seed, **PEER_T5)
 
 
 def batches(seed: int, batch_size: int, src_len: int = 24, tgt_len: int = 12):
@@ -77,11 +72,8 @@ def write_tensors(path: Path, tensors) -> None:
 
 
 def wait_for_file(path: str, timeout: float = 600.0) -> None:
-    deadline = time.monotonic() + timeout
-    while path and not os.path.exists(path):
-        if time.monotonic() > deadline:
-            sys.exit(f"swarm_peer: {path} did not appear within {timeout:.0f}s")
-        time.sleep(0.1)
+    if path:
+        support.wait_for(lambda: os.path.exists(path), timeout, f"{path} to appear")
 
 
 def main(argv=None) -> int:

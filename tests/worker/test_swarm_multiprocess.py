@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import support
 import torch
 from safetensors.torch import load_file
 
@@ -67,21 +68,25 @@ def start_peer(processes, tmp_path: Path, name: str, bootstrap: Checkpointer, ru
     return proc
 
 
-def wait_for(path: Path, procs, timeout: float, what: str = "") -> None:
+def wait_for_file(path: Path, procs, timeout: float, what: str = "") -> None:
     wait_until(path.exists, procs, timeout, what or str(path))
 
 
 def wait_until(predicate, procs, timeout: float, what: str) -> None:
     """Poll ``predicate`` until it holds; fail at once (with the peers' logs) if a peer died or on timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
+
+    def holds() -> bool:
+        if predicate():
+            return True
         for proc in procs:
             if proc.poll() is not None and not (proc.out / "result.json").exists():
                 pytest.fail(f"peer {proc.out.name} exited with {proc.returncode}:\n{tail(proc.log_path)}")
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {p.out.name}\n{tail(p.log_path)}" for p in procs)
-            pytest.fail(f"timed out waiting for {what}\n{logs}")
-        time.sleep(0.25)
+        return False
+
+    def logs() -> str:
+        return "\n".join(f"--- {p.out.name}\n{tail(p.log_path)}" for p in procs)
+
+    support.wait_for(holds, timeout, what, poll=0.25, detail=logs)
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -130,10 +135,10 @@ def test_two_peers_average_with_8bit_codec_and_checkpointer_collects(processes, 
         for i in range(2)
     ]
     for proc in peers:
-        wait_for(proc.out / "ready.json", peers, 120, f"{proc.out.name} to join")
+        wait_for_file(proc.out / "ready.json", peers, 120, f"{proc.out.name} to join")
     go.touch()  # both have joined: train at the same time, so the first global step is a 2-peer one
     for proc in peers:
-        wait_for(proc.out / "result.json", peers, 120, f"{proc.out.name} to finish an epoch")
+        wait_for_file(proc.out / "result.json", peers, 120, f"{proc.out.name} to finish an epoch")
 
     results = [read_json(p.out / "result.json") for p in peers]
     assert [r["epoch"] for r in results] == [1, 1], results
@@ -183,7 +188,7 @@ def test_two_peers_average_with_8bit_codec_and_checkpointer_collects(processes, 
 
     # Peers were waiting for the collection announcement and leave on their own.
     for proc in peers:
-        wait_for(proc.out / "served.json", peers, 30, f"{proc.out.name} to see the collection")
+        wait_for_file(proc.out / "served.json", peers, 30, f"{proc.out.name} to see the collection")
         assert read_json(proc.out / "served.json") == {"collected": True}
         proc.wait(timeout=30)
         assert proc.returncode == 0, tail(proc.log_path)
@@ -222,11 +227,11 @@ def test_late_joiner_loads_state_from_peers(processes, bootstrap, tmp_path):
     late = start_peer(processes, tmp_path, "late", bootstrap, run_id, *late_args)
     everyone = [*early, late]
     for proc in early:
-        wait_for(proc.out / "ready.json", everyone, 120, f"{proc.out.name} to join")
+        wait_for_file(proc.out / "ready.json", everyone, 120, f"{proc.out.name} to join")
     go.touch()
-    wait_for(early[0].out / "epoch1.safetensors", everyone, 120, "the swarm's first global step")
+    wait_for_file(early[0].out / "epoch1.safetensors", everyone, 120, "the swarm's first global step")
     join.touch()
-    wait_for(late.out / "ready.json", everyone, 120, "the late joiner to join")
+    wait_for_file(late.out / "ready.json", everyone, 120, "the late joiner to join")
     ready = read_json(late.out / "ready.json")
     assert ready["loaded_state_from_peers"], tail(late.log_path)
     assert ready["epoch"] >= 1
@@ -243,7 +248,7 @@ def test_late_joiner_loads_state_from_peers(processes, bootstrap, tmp_path):
     wait_until(trained_along, everyone, 240, "the late joiner to average with both others")
     stop.touch()
     for proc in everyone:
-        wait_for(proc.out / "result.json", everyone, 60, f"{proc.out.name} to stop")
+        wait_for_file(proc.out / "result.json", everyone, 60, f"{proc.out.name} to stop")
         assert read_json(proc.out / "result.json")["reason"] == "stopped"
 
     # The downloaded state is one the swarm held: closest to some early peer's snapshot of an epoch >= 1,
@@ -280,15 +285,17 @@ def test_killed_peer_does_not_stall_the_other(processes, bootstrap, tmp_path):
     ]
     survivor, victim = peers
     for proc in peers:
-        wait_for(proc.out / "ready.json", peers, 120, f"{proc.out.name} to join")
+        wait_for_file(proc.out / "ready.json", peers, 120, f"{proc.out.name} to join")
     go.touch()
-    wait_for(survivor.out / "epoch1.safetensors", peers, 120, "the first global step")
+    wait_for_file(survivor.out / "epoch1.safetensors", peers, 120, "the first global step")
     time.sleep(1.0)  # mid-round: both are accumulating towards epoch 2
     processes.kill(victim)  # SIGKILL to the whole group: the peer, its DHT and averager processes, p2pd
     killed_at = time.time()
     victim.wait(timeout=10)
 
-    wait_for(survivor.out / "result.json", [survivor], 40 + 4 * averaging_timeout, "the survivor to finish")
+    wait_for_file(
+        survivor.out / "result.json", [survivor], 40 + 4 * averaging_timeout, "the survivor to finish"
+    )
     result = read_json(survivor.out / "result.json")
     assert result["reason"] == "max_epochs" and result["epoch"] == 3, result
     # Never stuck longer than one averaging timeout (plus scheduling slack on a loaded machine) at any step.

@@ -2,19 +2,23 @@
 
 import pytest
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
+from support import save_tiny_t5
 
 from coldswarm.worker.devices import autocast, load_seq2seq, make_optimizer
 
+#: a gated-GELU T5 with untied embeddings, like the embedded default's (what the device paths must load)
+DEVICE_T5 = dict(
+    vocab_size=128,
+    d_model=32,
+    d_ff=64,
+    num_heads=4,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+)
+
 
 def tiny_t5(tmp_path):
-    config = T5Config(
-        vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(config).save_pretrained(tmp_path)
-    return tmp_path
+    return save_tiny_t5(tmp_path, **DEVICE_T5)
 
 
 def train_step(model, device):

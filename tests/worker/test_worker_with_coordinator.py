@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from support import wait_for
 
 from coldswarm.common.channel import bearer, open_channel
 from coldswarm.common.hashing import sha256_file
@@ -182,16 +183,6 @@ def join_swarm(processes, coordinator: CoordinatorProcess, tmp_path: Path, *flag
     )
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # its own waits add up past the suite's 600 s per test
 def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, version0, port):
@@ -215,7 +206,7 @@ def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, vers
         progress = [json.loads(w.progress_json or "{}") for w in workers]
         return any(p.get("phase") == "training" or p.get("step", 0) >= 1 for p in progress)
 
-    wait_for(training, 300, "the worker to start training")
+    wait_for(training, 300, "the worker to start training", poll=0.5)
     coordinator.kill()
     time.sleep(2)  # the worker keeps training; its heartbeats fail meanwhile
     coordinator.start()
@@ -226,7 +217,7 @@ def test_fusion_assignment_survives_a_coordinator_kill(processes, tmp_path, vers
         assert r.state not in ("failed", "cancelled"), r.error
         return r if r.state == "published" else None
 
-    done = wait_for(published, 600, "the round to merge and publish")
+    done = wait_for(published, 600, "the round to merge and publish", poll=0.5)
     contributions = coordinator.admin.ListContributions(
         pb.ListContributionsRequest(round_id=rnd.id), metadata=coordinator.md
     ).contributions
@@ -242,7 +233,7 @@ def test_worker_stops_cleanly_on_sigterm_while_waiting_for_work(processes, tmp_p
     def registered():
         return coordinator.admin.ListWorkers(pb.ListWorkersRequest(), metadata=coordinator.md).workers
 
-    wait_for(registered, 120, "the worker to register")
+    wait_for(registered, 120, "the worker to register", poll=0.5)
     processes.kill(worker, signal.SIGTERM)
     assert worker.wait(timeout=60) == 0
     gone = coordinator.admin.ListWorkers(pb.ListWorkersRequest(include_gone=True), metadata=coordinator.md)

@@ -1,21 +1,21 @@
 """Finetuning core of fusion assignments: hyperparameter checks, adapters, the train loop."""
 
 import pytest
+import support
 import torch
-from transformers import T5Config, T5ForConditionalGeneration
 
 from coldswarm.common.round_options import FusionHyperparameters
 from coldswarm.worker.finetune import attach_adapter, lr_at, mean_loss, train
 from coldswarm.worker.jobs import Cancelled
 
+#: a gated-GELU T5 with untied embeddings, like the embedded default's (the adapters attach to its modules)
+FINETUNE_T5 = dict(
+    vocab_size=64, d_model=32, d_ff=64, num_heads=4, feed_forward_proj="gated-gelu", tie_word_embeddings=False
+)
+
 
 def tiny_t5():
-    config = T5Config(
-        vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-        feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return T5ForConditionalGeneration(config)
+    return support.tiny_t5(**FINETUNE_T5)
 
 
 def fixed_batches():
