@@ -145,10 +145,10 @@ class StateCollector(Collector):
 
         registered, active = app.workers.counts()
         yield GaugeMetricFamily(
-            "coldswarm_workers_registered", "Workers registered and not left.", value=registered
+            "coldswarm_registered_workers", "Workers registered and not left.", value=registered
         )
         yield GaugeMetricFamily(
-            "coldswarm_workers_active", "Workers heard from within --worker-gone-after-s.", value=active
+            "coldswarm_active_workers", "Workers heard from within --worker-gone-after-s.", value=active
         )
 
         # The live round's families are always there, without a sample while no round is live.

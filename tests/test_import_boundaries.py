@@ -210,3 +210,21 @@ def test_importing_swarm_loads_no_role():
     loaded = _fresh_import(_import_all("swarm"))
     for role in ("'coldswarm.coordinator", "'coldswarm.worker"):
         assert role not in loaded, f"importing coldswarm.swarm loaded {role}"
+
+
+@pytest.mark.parametrize("folder, other", [("coordinator", "worker"), ("worker", "coordinator")])
+def test_no_role_names_the_other_anywhere(folder, other):
+    """The issue's own check, as grep runs it (``grep -rn "coldswarm.worker" coordinator/``, the dot matching any
+    character): not even a string (``importlib.import_module("coldswarm.worker...")``) or a doc names the other
+    role's modules, so no lazy or dynamic import can hide from the AST check above."""
+    import re
+
+    pattern = re.compile(rf"coldswarm.{other}")
+    hits = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / folder).rglob("*"))
+        if path.is_file() and path.suffix in {".py", ".md", ".txt", ".toml", ".cfg", ".html", ".js"}
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not hits, "\n".join(hits)

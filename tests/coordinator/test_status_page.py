@@ -258,7 +258,7 @@ def test_metrics_parse_with_the_prometheus_parser_and_carry_the_documented_names
     assert value("coldswarm_rounds", kind="pretrain", state="published") == 1
     assert value("coldswarm_rounds", kind="fusion", state="merged") == 1
     assert value("coldswarm_contributions", state="merged") == 4
-    assert value("coldswarm_workers_active") == 2 and value("coldswarm_workers_registered") == 2
+    assert value("coldswarm_active_workers") == 2 and value("coldswarm_registered_workers") == 2
     assert value("coldswarm_heartbeats") >= 20  # 16 while training, 4 idle
     count = next(s.value for s in found["coldswarm_heartbeat_seconds"].samples if s.name.endswith("_count"))
     assert count == value("coldswarm_heartbeats")
