@@ -18,13 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load, save
 
+from coldswarm.fusion.bytegroup import BYTEGROUP_VERSION, _split_planes, bytegroup_encode
+from coldswarm.fusion.codec_frame import compress, frame
 from coldswarm.fusion.codecs import (
-    BYTEGROUP_VERSION,
     CODECS,
-    _compress,
-    _frame,
-    _split_planes,
-    bytegroup_encode,
     decode_file,
     encode_file,
     get_codec,
@@ -176,25 +173,21 @@ def test_decoded_size_limit_is_exact(name):
 def test_forged_frames_cannot_expand_past_what_they_declare():
     import struct
 
-    from coldswarm.fusion.codecs import _compress, _frame
-
-    bomb = _compress(bytes(64 * 2**20))  # 64 MiB of zeros: a few KiB on the wire
+    bomb = compress(bytes(64 * 2**20))  # 64 MiB of zeros: a few KiB on the wire
     assert len(bomb) < 2**16
     one_section = struct.pack("<BI", 1, 1) + struct.pack("<Q", len(bomb)) + bomb
     for name, body in (("zstd", bomb), ("int8_blockwise", bomb), ("bytegroup", one_section)):
-        forged = _frame(name, 1000, body)  # declares 1,000 bytes, expands to 64 MiB: damaged or forged
+        forged = frame(name, 1000, body)  # declares 1,000 bytes, expands to 64 MiB: damaged or forged
         with pytest.raises(CodecError, match="expands past the .* bytes its frame declares") as info:
             CODECS[name].decode(forged, max_output=10**6)
         assert not isinstance(info.value, DecodedTooLarge)
         with pytest.raises(DecodedTooLarge, match="more than the"):
-            CODECS[name].decode(_frame(name, 2**40, body), max_output=10**6)  # declares 1 TiB
+            CODECS[name].decode(frame(name, 2**40, body), max_output=10**6)  # declares 1 TiB
 
 
-def test_int8_index_cannot_declare_more_than_the_frame():
+def test_int8_index_cannot_declare_more_than_theframe():
     import json
     import struct
-
-    from coldswarm.fusion.codecs import _compress, _frame
 
     head = json.dumps(
         {
@@ -205,7 +198,7 @@ def test_int8_index_cannot_declare_more_than_the_frame():
     ).encode()
     codes = bytes(16)  # a 2 GiB F64 tensor declared in a frame of 1 MiB: refused before dequantising
     raw = struct.pack("<Q", len(head)) + head + struct.pack("<Q", len(codes)) + codes
-    forged = _frame("int8_blockwise", 2**20, _compress(raw))
+    forged = frame("int8_blockwise", 2**20, compress(raw))
     with pytest.raises(CodecError, match="tensors declare 2147483648 bytes, more than the frame's 1048576"):
         CODECS["int8_blockwise"].decode(forged, max_output=2**30)
     small = json.dumps(
@@ -224,7 +217,7 @@ def test_int8_index_cannot_declare_more_than_the_frame():
         + bytes(4)
     )
     with pytest.raises(CodecError, match="'delta/a''s codes holds 4 bytes, expected 8"):
-        CODECS["int8_blockwise"].decode(_frame("int8_blockwise", 2**20, _compress(raw)), max_output=2**30)
+        CODECS["int8_blockwise"].decode(frame("int8_blockwise", 2**20, compress(raw)), max_output=2**30)
 
 
 def test_files_and_codec_wrapped_contributions_open_transparently(tmp_path):
@@ -308,21 +301,21 @@ def _v2(sections, orig, layout=1):
     body = struct.pack("<BI", layout, len(sections)) + b"".join(
         struct.pack("<BQ", k, len(s)) for k, s in sections
     )
-    return _frame("bytegroup", orig, body + b"".join(s for _, s in sections), version=BYTEGROUP_VERSION)
+    return frame("bytegroup", orig, body + b"".join(s for _, s in sections), version=BYTEGROUP_VERSION)
 
 
 def test_bytegroup_planes_are_bounded_by_the_header():
     head_only = save({"w": torch.zeros(1000, dtype=torch.bfloat16)})
     n = int.from_bytes(head_only[:8], "little")
     header, orig = head_only[: 8 + n], len(head_only)
-    head = (1, _compress(header))
+    head = (1, compress(header))
     good = _v2([head, (0, bytes(1000)), (0, bytes(1000))], orig)
     assert CODECS["bytegroup"].decode(good, max_output=orig) == head_only
     forged = {
         "a raw plane of the wrong size": [head, (0, bytes(999)), (0, bytes(1000))],
-        "a plane declaring 64 MiB": [head, (1, _compress(bytes(64 * 2**20))), (0, bytes(1000))],
+        "a plane declaring 64 MiB": [head, (1, compress(bytes(64 * 2**20))), (0, bytes(1000))],
         "a plane with no declared size": [head, (1, _compress_no_size(bytes(1000))), (0, bytes(1000))],
-        "a plane followed by another frame": [head, (1, _compress(bytes(1000)) * 2), (0, bytes(1000))],
+        "a plane followed by another frame": [head, (1, compress(bytes(1000)) * 2), (0, bytes(1000))],
         "one plane too few": [head, (0, bytes(1000))],
         "an unknown section kind": [head, (7, bytes(1000)), (0, bytes(1000))],
         "a raw header": [(0, header), (0, bytes(1000)), (0, bytes(1000))],
@@ -388,16 +381,16 @@ def _fuzz_main() -> None:
         assert isinstance(out, bytes) and len(out) <= FUZZ_LIMIT, (name, type(out), len(out))
 
     def header(name: str, orig: int, version: int = 1) -> bytes:
-        return _frame(name, orig, b"", version=version)
+        return frame(name, orig, b"", version=version)
 
     bombs = [
-        ("zstd", _frame("zstd", 2**40, _compress(bytes(2**20)))),
-        ("zstd", _frame("zstd", 1000, _compress(bytes(64 * 2**20)))),
-        ("int8_blockwise", _frame("int8_blockwise", 1000, _compress(bytes(64 * 2**20)))),
-        ("bytegroup", _v2([(1, _compress(bytes(64 * 2**20)))], 1000, layout=0)),
-        ("bytegroup", _v2([(1, _compress(b"\x08" + bytes(7) + b'{"w":{}}'))], 2**40)),
-        ("bytegroup", _frame("bytegroup", 1000, struct.pack("<BI", 1, 2**32 - 1), version=2)),
-        ("bytegroup", _frame("bytegroup", 1000, struct.pack("<BI", 1, 2**32 - 1), version=1)),
+        ("zstd", frame("zstd", 2**40, compress(bytes(2**20)))),
+        ("zstd", frame("zstd", 1000, compress(bytes(64 * 2**20)))),
+        ("int8_blockwise", frame("int8_blockwise", 1000, compress(bytes(64 * 2**20)))),
+        ("bytegroup", _v2([(1, compress(bytes(64 * 2**20)))], 1000, layout=0)),
+        ("bytegroup", _v2([(1, compress(b"\x08" + bytes(7) + b'{"w":{}}'))], 2**40)),
+        ("bytegroup", frame("bytegroup", 1000, struct.pack("<BI", 1, 2**32 - 1), version=2)),
+        ("bytegroup", frame("bytegroup", 1000, struct.pack("<BI", 1, 2**32 - 1), version=1)),
     ]
     for name, blob in bombs:
         decode(name, blob)
