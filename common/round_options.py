@@ -10,15 +10,20 @@ training stack (torch, PEFT, hivemind): facts owned below the roles come in as a
 codec names (``coldswarm.fusion.codecs.CODECS``) and the statistics the round's merge method needs (from
 the flags of fusion's method registry).
 
+The keys a round's options may have, per kind, are :data:`ROUND_OPTION_KEYS` (the one place they are
+listed); any other key is refused with the closest known one, as hyperparameter names are.
 Fusion round options: ``peft_method``, ``hyperparameters`` (the :class:`FusionHyperparameters` fields),
 ``statistics``, ``codec``, ``shard_prefix`` (and ``merge``, the merge's own options).
-Pretrain round options: ``epochs``, ``target_batch_size``, ``run_id``, ``corpus_prefix``, and
-``hyperparameters``: the :class:`PretrainDataOptions` fields plus the worker's ``SwarmConfig`` fields.
+Pretrain round options: ``epochs``, ``target_batch_size``, ``run_id``, ``corpus_prefix``,
+``collect_timeout_s`` and ``hyperparameters``: the :class:`PretrainDataOptions` fields plus the worker's
+``SwarmConfig`` fields.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +39,30 @@ STATISTICS = {"fisher": "diagonal Fisher information", "regmean": "RegMean Gram 
 DEFAULT_LR = {"lora": 1e-3, "ia3": 5e-3, "full": 3e-4}
 #: keys of a pretrain round's ``hyperparameters`` that are PretrainTask's own fields, not swarm options
 PRETRAIN_TASK_FIELDS = ("epochs", "target_batch_size")
+#: the keys a round's options may have, per kind, with what each holds (anything else is refused)
+ROUND_OPTION_KEYS: dict[str, dict[str, str]] = {
+    "fusion": {
+        "peft_method": "lora, ia3 or full",
+        "hyperparameters": "the FusionHyperparameters fields",
+        "statistics": "fisher and/or regmean (default: what the merge method needs)",
+        "codec": "the codec workers encode their contribution with",
+        "shard_prefix": "which data shards name: default (the embedded tasks) or local (the worker's own)",
+        "merge": "the merge's own options (the method's config fields and the merge driver's)",
+    },
+    "pretrain": {
+        "epochs": "optimizer epochs the round trains for",
+        "target_batch_size": "samples the whole swarm accumulates per optimizer epoch",
+        "run_id": "the hivemind run id (default coldswarm-r<round id>)",
+        "corpus_prefix": "which corpus shards name (default corpus)",
+        "collect_timeout_s": "seconds the checkpointer tries to collect the swarm's state (default 120)",
+        "hyperparameters": "the PretrainDataOptions fields and the worker's SwarmConfig fields",
+    },
+}
+#: the largest ``epochs`` / ``target_batch_size`` (PretrainTask carries them as uint32)
+MAX_TASK_INT = 2**31 - 1
+#: the longest ``collect_timeout_s``
+MAX_COLLECT_TIMEOUT_S = 7 * 86400.0
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class RoundOptionsError(ValueError):
@@ -188,10 +217,52 @@ def _positive_int(options: Mapping[str, Any], name: str) -> None:
     value = options.get(name, 1)
     try:
         number = int(value) if not isinstance(value, bool) else 0
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         number = 0
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, not {str(value)[:40]!r}")
+    if not 1 <= number <= MAX_TASK_INT:
+        raise ValueError(
+            f"{name} must be a positive integer (at most {MAX_TASK_INT}), not {str(value)[:40]!r}"
+        )
+
+
+def _name(options: Mapping[str, Any], key: str, default: str) -> None:
+    value = options.get(key, default)
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"{key} must be 1-64 letters, digits, '-' or '_' (it names shards or DHT keys), not {str(value)[:40]!r}"
+        )
+
+
+def _top_level(kind: str, options: Mapping[str, Any]) -> None:
+    """The keys ``options`` may have for ``kind`` (:data:`ROUND_OPTION_KEYS`) and the shapes of the
+    generic ones; the schemas below check what is inside."""
+    refuse_unknown(options, ROUND_OPTION_KEYS[kind], f"{kind} round option(s)")
+    for key in ("hyperparameters", "merge"):
+        if key in options and not isinstance(options[key], dict):
+            raise ValueError(f"{key} must be a JSON object, not {type(options[key]).__name__}")
+    if kind == "fusion":
+        _name(options, "shard_prefix", "default")
+        stats = options.get("statistics", [])
+        if not isinstance(stats, list) or not all(isinstance(x, str) for x in stats):
+            raise ValueError("statistics must be a list of names (fisher, regmean)")
+        for key in ("peft_method", "codec"):
+            if key in options and not isinstance(options[key], str):
+                raise ValueError(f"{key} must be a string")
+    else:
+        if "run_id" in options:
+            _name(options, "run_id", "")
+        _name(options, "corpus_prefix", "corpus")
+        timeout = options.get("collect_timeout_s", 120.0)
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or not 0 < timeout <= MAX_COLLECT_TIMEOUT_S
+        ):
+            raise ValueError(
+                f"collect_timeout_s must be a number of seconds in (0, {MAX_COLLECT_TIMEOUT_S:g}], "
+                f"not {str(timeout)[:40]!r}"
+            )
 
 
 def check_round_options(
@@ -212,6 +283,7 @@ def check_round_options(
     if kind not in KINDS:
         raise RoundOptionsError(f"round kind {str(kind)[:40]!r} is not one of {list(KINDS)}")
     try:
+        _top_level(kind, options)
         if kind == "fusion":
             fusion_hyperparameters(pb.FusionTask(**fusion_task(options, statistics, 0, 1)), codecs=codecs)
         else:

@@ -241,29 +241,56 @@ def _round_row(r) -> list:
     ]
 
 
+#: the most pages a listing follows (at up to 1,000 items each); a coordinator that keeps sending more is broken
+MAX_PAGES = 10_000
+
+
+def list_all(call, request, field: str, timeout: float):
+    """Every item of a paged listing (AIP-158): follow ``next_page_token`` until the last page, and return
+    one response holding them all (so ``--json`` prints one document)."""
+    merged = type(request).__name__.replace("Request", "Response")
+    out = getattr(pb, merged)()
+    seen: set[str] = set()
+    for _ in range(MAX_PAGES):
+        page = call(request, timeout=timeout)
+        getattr(out, field).extend(getattr(page, field))
+        if not page.next_page_token:
+            return out
+        if page.next_page_token in seen:
+            raise CliError("the coordinator sent the same page token twice; the listing is incomplete")
+        seen.add(page.next_page_token)
+        request.page_token = page.next_page_token
+    raise CliError(f"the listing did not end after {MAX_PAGES} pages")
+
+
 def run(args, stub, md) -> object:
     """Do the subcommand; returns a message to print (or a dict for download)."""
     t = args.timeout
     cmd = args.command
+
+    def listing(method: str, request, field: str):
+        call = getattr(stub, method)
+        return list_all(lambda r, timeout: call(r, metadata=md, timeout=timeout), request, field, t)
+
     if cmd == "status":
         return stub.Status(pb.StatusRequest(), metadata=md, timeout=t)
     if cmd == "workers":
-        return stub.ListWorkers(pb.ListWorkersRequest(include_gone=args.all), metadata=md, timeout=t)
+        return listing("ListWorkers", pb.ListWorkersRequest(include_gone=args.all), "workers")
     if cmd == "versions":
-        return stub.ListVersions(pb.ListVersionsRequest(), metadata=md, timeout=t)
+        return listing("ListVersions", pb.ListVersionsRequest(), "versions")
     if cmd == "rounds":
-        return stub.ListRounds(pb.ListRoundsRequest(), metadata=md, timeout=t)
+        return listing("ListRounds", pb.ListRoundsRequest(), "rounds")
     if cmd == "contributions":
         req = pb.ListContributionsRequest()
         if args.round is not None:
             req.round_id = args.round
-        return stub.ListContributions(req, metadata=md, timeout=t)
+        return listing("ListContributions", req, "contributions")
     if cmd == "tokens":
         if args.tokens_command == "create":
             return stub.CreateToken(pb.CreateTokenRequest(label=args.label), metadata=md, timeout=t)
         if args.tokens_command == "revoke":
             return stub.RevokeToken(pb.RevokeTokenRequest(id=args.id), metadata=md, timeout=t)
-        return stub.ListTokens(pb.ListTokensRequest(), metadata=md, timeout=t)
+        return listing("ListTokens", pb.ListTokensRequest(), "tokens")
     if cmd == "round":
         if args.round_command == "open":
             req = pb.OpenRoundRequest(

@@ -22,11 +22,12 @@ from coldswarm.coordinator.auth import Auth
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.contributions import Contributions
-from coldswarm.coordinator.errors import FailedPrecondition
+from coldswarm.coordinator.errors import FailedPrecondition, PermissionDenied
+from coldswarm.coordinator.limits import Door
 from coldswarm.coordinator.merge_pipeline import MergePipeline
 from coldswarm.coordinator.rounds import RoundStateMachine
 from coldswarm.coordinator.series import SwarmSeries
-from coldswarm.coordinator.states import VersionKind
+from coldswarm.coordinator.states import VersionKind, VersionState
 from coldswarm.coordinator.store import Store
 from coldswarm.coordinator.uploads import UploadManager
 from coldswarm.coordinator.versions import VersionRow, VersionStore
@@ -81,7 +82,25 @@ class Coordinator:
             data / "uploads",
             config.max_upload_bytes,
             config.chunk_bytes,
+            config.max_metrics_bytes,
         )
+        # Cleanup when it is due, not at the next start: a round that closed takes no more uploads, and
+        # a worker that left will never resume one.
+        self.rounds.cleanups.append(
+            lambda rnd: self.uploads.discard_round(rnd.id, f"round {rnd.id} is {rnd.state}")
+        )
+        self.workers.on_leave.append(
+            lambda worker_id: self.uploads.discard_worker(worker_id, "its worker left")
+        )
+        self.door = Door(config.max_metrics_bytes, config.max_options_bytes)
+        # Stored JSON longer than this (rows from before the limits) is not listed; see service.worker_pb.
+        self.listing_json_chars = 4 * max(config.max_metrics_bytes, 16 * 1024)
+        self._paths = sorted(
+            {str(data), str(data.resolve()), *(() if config.base_model is None else (str(config.base_model),
+             str(Path(config.base_model).resolve())))},
+            key=len,
+            reverse=True,
+        )  # fmt: skip
         self.started_at = time.time()
         self._stop = threading.Event()
         self._ticker: threading.Thread | None = None
@@ -138,10 +157,35 @@ class Coordinator:
             method=method,
             metrics=metrics,
             publish=True,
-            extra={"source": source or str(Path(model_dir).resolve())},
+            # Every worker reads this manifest: it says where version 0 came from without naming a
+            # directory of the coordinator's machine.
+            extra={"source": source or "a model directory given to the coordinator (--base-model)"},
         )
         log.info("version 0 created from %s", model_dir)
         return row
+
+    def version_for_worker(self, spec: str | int) -> int:
+        """The version ``spec`` names, if workers may read it: a published one (the pointer, or one it
+        was at), or the base of the live round (which its workers must download). Candidates and rejected
+        versions are the admin's (PERMISSION_DENIED)."""
+        number = self.versions.resolve(spec)
+        state = self.versions.state(number)
+        if state == VersionState.PUBLISHED:
+            return number
+        live = self.rounds.live()
+        if live is not None and live.base_version == number:
+            return number
+        raise PermissionDenied(
+            f"version {number} is {state}, not published: workers read published versions and the "
+            "base of the open round"
+        )
+
+    def redact(self, message: str) -> str:
+        """``message`` without this coordinator's own paths (data dir, base model): a refusal goes to callers."""
+        for path in self._paths:
+            if path and path != ".":
+                message = message.replace(path, "<coordinator path>")
+        return message
 
     def uptime(self) -> float:
         return time.time() - self.started_at

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coldswarm.common.quoting import quote
 from coldswarm.coordinator.errors import InvalidArgument, NotFound, PermissionDenied
 from coldswarm.coordinator.rounds import RoundRow, RoundStateMachine, fusion_task
 from coldswarm.coordinator.states import REPORTED_OUTCOMES, AssignmentState, RoundKind, RoundState
@@ -123,7 +124,7 @@ class Assignments:
 
     def report(self, worker_id: str, assignment_id: str, outcome: str, message: str) -> None:
         if outcome not in REPORTED_OUTCOMES:
-            raise InvalidArgument(f"outcome {outcome!r} is not one of {', '.join(REPORTED_OUTCOMES)}")
+            raise InvalidArgument(f"outcome {quote(outcome)} is not one of {', '.join(REPORTED_OUTCOMES)}")
         row = self.owned(worker_id, assignment_id)
         with self.store.tx() as c:
             c.execute(
@@ -134,7 +135,7 @@ class Assignments:
         """The assignment's row, if it is ``worker_id``'s."""
         row = self.store.one("SELECT * FROM assignments WHERE id=?", (assignment_id,))
         if row is None:
-            raise NotFound(f"no assignment {assignment_id!r}: ask GetAssignment for work")
+            raise NotFound(f"no assignment {quote(assignment_id)}: ask GetAssignment for work")
         if row["worker_id"] != worker_id:
             raise PermissionDenied(f"assignment {assignment_id} belongs to another worker")
         return row

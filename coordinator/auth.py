@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coldswarm.common.durable import write_private
-from coldswarm.coordinator.errors import NotFound, PermissionDenied, Unauthenticated
+from coldswarm.common.quoting import quote
+from coldswarm.coordinator.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
+from coldswarm.coordinator.limits import NAME_CHARS
 from coldswarm.coordinator.store import Store
 
 PREFIX = {"admin": "csa_", "join": "csj_", "worker": "csw_"}
@@ -64,6 +66,11 @@ class TokenRow:
     label: str
     created_at: float
     revoked: bool
+
+
+def token_key(t: TokenRow) -> tuple[float, str]:
+    """The order tokens are listed in (and the key a page token holds)."""
+    return (t.created_at, t.id)
 
 
 class Auth:
@@ -118,7 +125,7 @@ class Auth:
         row = self._tokens.get(token_hash(existing)) if existing else None
         if row is not None and row.kind == "join" and not row.revoked:
             return False
-        _row, token = self.create_join_token(f"file {path.name}")
+        _row, token = self.create_join_token(f"file {path.name}"[:NAME_CHARS])
         write_private(path, token + "\n")
         return True
 
@@ -137,6 +144,9 @@ class Auth:
         return row
 
     def create_join_token(self, label: str) -> tuple[TokenRow, str]:
+        """A new join token labelled ``label`` (at most NAME_CHARS characters, like Register names)."""
+        if len(label) > NAME_CHARS:
+            raise InvalidArgument(f"a token label is at most {NAME_CHARS} characters, not {len(label)}")
         token = new_token("join")
         return self._insert("join", label or "", token), token
 
@@ -144,7 +154,7 @@ class Auth:
         with self._lock:
             match = [(h, t) for h, t in self._tokens.items() if t.id == token_id]
         if not match:
-            raise NotFound(f"no token with id {token_id!r}: `coldswarm-admin tokens list` shows the ids")
+            raise NotFound(f"no token with id {quote(token_id)}: `coldswarm-admin tokens list` shows the ids")
         h, row = match[0]
         if row.kind == "admin":
             raise PermissionDenied(
@@ -159,9 +169,14 @@ class Auth:
             self._revoked_ids.add(token_id)
         return revoked
 
-    def list(self) -> list[TokenRow]:
+    def list(self, after: list | None = None, limit: int = -1) -> list[TokenRow]:
+        """Tokens by (creation time, id), after the token with key ``after`` (:func:`token_key`), at most
+        ``limit`` (-1: all)."""
         with self._lock:
-            return sorted(self._tokens.values(), key=lambda t: t.created_at)
+            rows = sorted(self._tokens.values(), key=token_key)
+        if after is not None:
+            rows = [t for t in rows if token_key(t) > tuple(after)]
+        return rows if limit < 0 else rows[:limit]
 
     # -- worker sessions ------------------------------------------------------------------
 
@@ -181,6 +196,21 @@ class Auth:
 
     # -- checks ---------------------------------------------------------------------------
 
+    def caller_id(self, metadata) -> str | None:
+        """Who calls, for counting their calls: ``kind:id`` of a valid token of any kind, else None."""
+        token = bearer_from_metadata(metadata)
+        if not token:
+            return None
+        h = token_hash(token)
+        with self._lock:
+            row = self._tokens.get(h)
+            if row is not None:
+                return None if row.revoked else f"{row.kind}:{row.id}"
+            session = self._sessions.get(h)
+            if session is not None and session[1] not in self._revoked_ids:
+                return f"worker:{session[0]}"
+        return None
+
     def authenticate(self, metadata, need: str) -> Principal:
         """The caller behind ``metadata``, which must hold a token of kind ``need``.
 
@@ -189,7 +219,8 @@ class Auth:
         """
         token = bearer_from_metadata(metadata)
         hint = {
-            "admin": f"the admin token (in {self.admin_token_path} on the coordinator; "
+            # Never the token file's path: these messages go to callers who are not yet anyone.
+            "admin": "the admin token (the coordinator wrote it into its data directory at first start; "
             "pass --token or set COLDSWARM_ADMIN_TOKEN)",
             "join": "a join token from the coordinator's admin (`coldswarm-admin tokens create`)",
             "worker": "the session token Register returned (register again with a join token)",

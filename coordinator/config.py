@@ -41,6 +41,33 @@ class CoordinatorConfig:
         "version yet. Without it the embedded default (coldswarm.lm) is used when installed.",
     )
     threads: int = _opt(64, "gRPC worker threads (each in-flight RPC holds one).")
+    # Limits at the door (coordinator/README.md, "Limits"): streams hold a thread while they last.
+    max_streams: int = _opt(
+        0,
+        "Streaming calls (uploads, downloads, reflection) served at once; more get UNAVAILABLE. "
+        "0: three quarters of --threads, keeping the rest for unary calls (health, admin, heartbeats).",
+    )
+    max_streams_per_caller: int = _opt(
+        4,
+        "Streaming calls one caller (a token; without a valid token, a peer address) may hold at once; "
+        "more get RESOURCE_EXHAUSTED.",
+    )
+    max_anonymous_streams: int = _opt(
+        0, "Streaming calls without a valid token (reflection) at once, all peers together. 0: max_streams/4."
+    )
+    stream_idle_s: float = _opt(
+        60.0, "A stream that sends (or reads) nothing for this long is ended with DEADLINE_EXCEEDED."
+    )
+    stream_max_s: float = _opt(
+        3600.0,
+        "A stream is ended (DEADLINE_EXCEEDED) after this long however busy; uploads and downloads resume.",
+    )
+    max_metrics_bytes: int = _opt(
+        16 * 1024,
+        "Largest metrics a worker may send: BeginUpload's metrics_json, a heartbeat's or report's metrics "
+        "as JSON (at most 256 KiB).",
+    )
+    max_options_bytes: int = _opt(64 * 1024, "Largest round or merge options JSON (at most 256 KiB).")
     max_upload_bytes: int = _opt(
         2048 * MiB,
         "Largest contribution accepted, on the wire and once decoded; larger ones get RESOURCE_EXHAUSTED.",
@@ -117,6 +144,32 @@ class CoordinatorConfig:
             raise ValueError("--series-interval-s must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key (or neither)")
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        if self.threads < 2:
+            raise ValueError("--threads must be at least 2 (streams may take at most all but one)")
+        if not 0 <= self.max_streams < self.threads:
+            raise ValueError("--max-streams must be below --threads (0: three quarters of them)")
+        if self.max_streams_per_caller < 1 or self.max_anonymous_streams < 0:
+            raise ValueError(
+                "--max-streams-per-caller must be at least 1, --max-anonymous-streams not negative"
+            )
+        if not (self.stream_idle_s > 0 and self.stream_max_s > 0):
+            raise ValueError("--stream-idle-s and --stream-max-s must be positive")
+        for name in ("max_metrics_bytes", "max_options_bytes"):
+            if not 1024 <= getattr(self, name) <= 256 * 1024:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 1 KiB and 256 KiB")
+
+    @property
+    def stream_slots(self) -> int:
+        """Streaming calls served at once (``max_streams``, or three quarters of the threads)."""
+        return self.max_streams or max(1, self.threads * 3 // 4)
+
+    @property
+    def anonymous_stream_slots(self) -> int:
+        """Streaming calls without a valid token served at once."""
+        return min(self.max_anonymous_streams or max(1, self.stream_slots // 4), self.stream_slots)
 
     @property
     def admin_token_path(self) -> Path:

@@ -59,13 +59,22 @@ class Contributions:
         self.rounds = rounds
         self.assignments = assignments
 
-    def list(self, round_id: int | None = None) -> list[ContributionRow]:
-        """A round's contributions (all of them without ``round_id``), in the order they were accepted."""
+    def list(
+        self, round_id: int | None = None, after: int | None = None, limit: int = -1
+    ) -> list[ContributionRow]:
+        """A round's contributions (all of them without ``round_id``), in the order they were accepted,
+        after contribution ``after``, at most ``limit`` (-1: all)."""
+        start = -1 if after is None else int(after)
         if round_id is not None:
             self.rounds.get(round_id)
-            rows = self.store.all("SELECT * FROM contributions WHERE round_id=? ORDER BY id", (round_id,))
+            rows = self.store.all(
+                "SELECT * FROM contributions WHERE round_id=? AND id > ? ORDER BY id LIMIT ?",
+                (round_id, start, limit),
+            )
         else:
-            rows = self.store.all("SELECT * FROM contributions ORDER BY id")
+            rows = self.store.all(
+                "SELECT * FROM contributions WHERE id > ? ORDER BY id LIMIT ?", (start, limit)
+            )
         return [_contribution(r) for r in rows]
 
     def check_can_contribute(

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from coldswarm.common.quoting import bounded
 from coldswarm.common.round_options import statistics_needed
+from coldswarm.coordinator.errors import InvalidArgument
 from coldswarm.fusion.codecs import CODECS
-from coldswarm.fusion.merge import merge_checkpoints
+from coldswarm.fusion.errors import MergeConfigError
+from coldswarm.fusion.merge import MergeOptions, merge_checkpoints
 from coldswarm.fusion.methods import METHODS
 
 
@@ -22,6 +25,16 @@ def statistics_for(method: str) -> list[str]:
     if entry is None:
         return []
     return statistics_needed(fisher=entry.needs_fisher, gram=entry.needs_gram)
+
+
+def check_merge_options(method: str, options: dict) -> None:
+    """Refuse (InvalidArgument) merge options that fusion's merge would refuse, as it will read them: the
+    driver's own fields and the method's (unknown names with the closest known one)."""
+    try:
+        parsed = MergeOptions.parse(options)
+        METHODS[method].make_config(parsed.method)
+    except (MergeConfigError, ValueError, TypeError) as exc:
+        raise InvalidArgument(f"merge options: {bounded(str(exc), 400)}") from None
 
 
 def codec_names() -> list[str]:

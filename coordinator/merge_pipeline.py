@@ -30,11 +30,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from coldswarm.common.quoting import quote
 from coldswarm.coordinator import merge as merge_bridge
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.contributions import ContributionRow, Contributions
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument
+from coldswarm.coordinator.limits import parse_json_object
 from coldswarm.coordinator.rounds import RoundRow, RoundStateMachine
 from coldswarm.coordinator.states import REMERGEABLE_STATES, RoundKind, VersionKind
 from coldswarm.coordinator.versions import VersionRow, VersionStore
@@ -148,12 +150,15 @@ class MergePipeline:
         method = method or rnd.method
         if method not in merge_bridge.available_methods():
             raise InvalidArgument(
-                f"merge method {method!r} is not available; one of {merge_bridge.available_methods()}"
+                f"merge method {quote(method)} is not available; one of {merge_bridge.available_methods()}"
             )
-        try:
-            options = json.loads(options_json) if options_json.strip() else rnd.options.get("merge", {})
-        except ValueError as exc:
-            raise InvalidArgument(f"options are not valid JSON: {exc}") from None
+        if options_json.strip():
+            options = parse_json_object(
+                options_json, "the merge options", self.config.max_options_bytes, "--max-options-bytes"
+            )
+        else:
+            options = rnd.options.get("merge", {})
+        merge_bridge.check_merge_options(method, options)
         return self._merge(rnd, method, options, round_result=False)
 
     # -- the steps ------------------------------------------------------------------------
@@ -250,9 +255,10 @@ class MergePipeline:
             round_id=rnd.id,
             kind=VersionKind.FUSION,
             method=method,
+            # Every worker reads this manifest: contributions by id, never by worker (the admin's
+            # ListContributions maps ids to workers), so no worker learns who else contributed what.
             contributions=[
-                {"id": c.id, "worker": c.worker_id, "sha256": c.sha256, "num_examples": c.num_examples}
-                for c in contributions
+                {"id": c.id, "sha256": c.sha256, "num_examples": c.num_examples} for c in contributions
             ],
             metrics=metrics,
             publish=publish,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 import threading
 import time
@@ -38,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from coldswarm.common import round_options
+from coldswarm.common.quoting import quote
 from coldswarm.coordinator import merge as merge_bridge
 from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.errors import (
@@ -46,6 +48,7 @@ from coldswarm.coordinator.errors import (
     InvalidArgument,
     NotFound,
 )
+from coldswarm.coordinator.limits import MAX_DEADLINE_S, MAX_QUORUM, parse_json_object
 from coldswarm.coordinator.states import (
     LIVE_STATES,
     MERGE_PENDING_STATES,
@@ -138,6 +141,9 @@ class RoundStateMachine:
         self.lock = threading.RLock()
         self.on_round_opened: list[Callable[[RoundRow], None]] = []
         self.on_round_closed: list[Callable[[RoundRow], None]] = []
+        # What a round that ended leaves behind (its unfinished uploads), removed when it ends. Kept apart
+        # from on_round_closed: a pretrain round closed with no subscriber there has no checkpointer.
+        self.cleanups: list[Callable[[RoundRow], None]] = []
 
     # -- reading --------------------------------------------------------------------------
 
@@ -147,8 +153,13 @@ class RoundStateMachine:
             raise NotFound(f"no round {round_id}: `coldswarm-admin rounds` lists them")
         return _round(r)
 
-    def list(self) -> list[RoundRow]:
-        return [self.get(r["id"]) for r in self.store.all("SELECT id FROM rounds ORDER BY id")]
+    def list(self, after: int | None = None, limit: int = -1) -> list[RoundRow]:
+        """Rounds in id order, after round ``after``, at most ``limit`` (-1: all)."""
+        rows = self.store.all(
+            "SELECT id FROM rounds WHERE id > ? ORDER BY id LIMIT ?",
+            (-1 if after is None else int(after), limit),
+        )
+        return [self.get(r["id"]) for r in rows]
 
     def live(self) -> RoundRow | None:
         """The round that is open, closing or merging, if any (at most one is)."""
@@ -214,24 +225,28 @@ class RoundStateMachine:
     ) -> tuple[str, dict]:
         """Refuse an OpenRound that could not run; returns the round's method and options."""
         if kind not in ROUND_KINDS:
-            raise InvalidArgument(f"round kind {kind!r} is not one of {list(ROUND_KINDS)}")
-        try:
-            options = json.loads(options_json) if options_json.strip() else {}
-        except ValueError as exc:
-            raise InvalidArgument(f"options are not valid JSON: {exc}") from None
-        if not isinstance(options, dict):
-            raise InvalidArgument('options must be a JSON object, e.g. \'{"peft_method": "lora"}\'')
-        if quorum < 0 or deadline_s < 0:
-            raise InvalidArgument("quorum and deadline must not be negative")
+            raise InvalidArgument(f"round kind {quote(kind)} is not one of {list(ROUND_KINDS)}")
+        options = parse_json_object(
+            options_json, "the round's options", self.config.max_options_bytes, "--max-options-bytes"
+        )
+        # Checked here too (not only at the gRPC door): Python callers open rounds without it.
+        if not 0 <= quorum <= MAX_QUORUM:
+            raise InvalidArgument(f"quorum must be from 0 (the default) to {MAX_QUORUM}, not {quorum}")
+        if not (math.isfinite(deadline_s) and 0 <= deadline_s <= MAX_DEADLINE_S):
+            raise InvalidArgument(
+                f"deadline must be a finite number of seconds from 0 (the default) to {MAX_DEADLINE_S:g}, "
+                f"not {deadline_s}"
+            )
         method = method or self.config.default_method
         if kind == RoundKind.FUSION and method not in merge_bridge.available_methods():
             raise InvalidArgument(
-                f"merge method {method!r} is not available; choose one of {merge_bridge.available_methods()}"
+                f"merge method {quote(method)} is not available; choose one of {merge_bridge.available_methods()}"
             )
         if kind == RoundKind.FUSION:
             check_fusion_options(options, method)
         if kind == RoundKind.PRETRAIN:
             method = RoundKind.PRETRAIN  # the swarm averages; no merge method applies
+            check_pretrain_options(options)
             if not self.dht_peers():
                 raise FailedPrecondition(
                     "a pretrain round needs a hivemind DHT for its workers to meet in, and this coordinator "
@@ -266,6 +281,7 @@ class RoundStateMachine:
                 )
             rnd = self.get(round_id)
         log.info("round %d %s: now %s", round_id, reason, rnd.state)
+        self._notify(self.cleanups, rnd, "round-cleanup")
         if rnd.kind == RoundKind.FUSION and rnd.state == RoundState.CLOSING:
             self._merge(round_id)
         self._notify(self.on_round_closed, rnd, "round-closed")
@@ -392,7 +408,8 @@ def fusion_task(options: dict, method: str, index: int, n: int) -> dict:
 
 def check_fusion_options(options: dict, method: str) -> None:
     """Refuse at OpenRound what every worker would refuse (a typo, an impossible combination), rather than
-    let each of them fail its assignment until the deadline. Workers read the options the same way."""
+    let each of them fail its assignment until the deadline. Workers read the options the same way. The
+    ``merge`` options are checked by fusion's merge registry, as the merge will read them."""
     try:
         round_options.check_round_options(
             "fusion",
@@ -400,5 +417,17 @@ def check_fusion_options(options: dict, method: str) -> None:
             codecs=merge_bridge.codec_names(),
             statistics=merge_bridge.statistics_for(method),
         )
+    except round_options.RoundOptionsError as exc:
+        raise InvalidArgument(str(exc)) from None
+    merge_bridge.check_merge_options(method, options.get("merge", {}))
+
+
+def check_pretrain_options(options: dict) -> None:
+    """Refuse at OpenRound a pretrain round's options that every worker would refuse: an unknown top-level
+    key, ``epochs`` or ``target_batch_size`` that are not positive integers, ``hyperparameters`` that are not
+    an object, or MoD data options out of range. Swarm option names are the worker's ``SwarmConfig``
+    fields, which the coordinator does not import: a name the workers do not know fails their assignments."""
+    try:
+        round_options.check_round_options("pretrain", options, codecs=())
     except round_options.RoundOptionsError as exc:
         raise InvalidArgument(str(exc)) from None

@@ -16,6 +16,7 @@ from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.metrics import CoordinatorMetrics
 from coldswarm.coordinator.rpc_metrics import MetricsInterceptor
 from coldswarm.coordinator.service import COORDINATOR_VERSION, AdminServicer, WorkerServicer
+from coldswarm.coordinator.stream_guard import StreamGuard, StreamLimits
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -27,6 +28,18 @@ TCP_TUNING = [
     ("grpc.experimental.tcp_min_read_chunk_size", 1024 * 1024),
     ("grpc.experimental.tcp_read_chunk_size", 8 * 1024 * 1024),
     ("grpc.experimental.tcp_max_read_chunk_size", 16 * 1024 * 1024),
+]
+# gRPC's own bounds on connections (a connection's streams are bounded by StreamGuard): dead peers are
+# found by keepalive pings and their calls cancelled; connections with no call are closed after a while;
+# no connection lives for ever (after its age, GOAWAY, then a grace for calls in flight), which also bounds
+# a call whose client never finishes sending its request; a connection carries at most so many streams.
+CONNECTION_LIMITS = [
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.max_connection_idle_ms", 10 * 60_000),
+    ("grpc.max_connection_age_ms", 4 * 3600_000),
+    ("grpc.max_connection_age_grace_ms", 10 * 60_000),
+    ("grpc.max_concurrent_streams", 100),
 ]
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["WorkerService"].full_name,
@@ -46,6 +59,7 @@ class RunningServer:
     collector: object | None = None  # the PretrainCollector, with --dht-listen
     metrics: CoordinatorMetrics | None = None
     status: object | None = None  # the StatusServer, with --http-listen
+    guard: StreamGuard | None = None
 
     @property
     def status_url(self) -> str:
@@ -57,6 +71,8 @@ class RunningServer:
             self.status.stop()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.guard is not None:
+            self.guard.stop()
         if self.collector is not None:
             self.collector.stop()
         self.app.stop()
@@ -84,18 +100,33 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
     app.start()
     if collector is not None:
         collector.start(app)  # before the server takes RPCs, so every Register gets its peer
-    # An upload chunk is at most chunk_bytes of data plus a little framing.
-    limit = config.chunk_bytes + 64 * 1024
+    # An upload chunk is at most chunk_bytes of data plus a little framing; the coordinator refuses a
+    # larger one itself (and discards the upload), so gRPC's own limit, whose refusal the server cannot
+    # tell from a client breaking off, is set well above it. Replies (a page of a listing) stay below 1 MiB.
+    receive_limit = 4 * config.chunk_bytes + 64 * 1024
+    send_limit = max(config.chunk_bytes, 1024 * 1024) + 64 * 1024
+    guard = StreamGuard(
+        StreamLimits(
+            total=config.stream_slots,
+            per_caller=config.max_streams_per_caller,
+            anonymous=config.anonymous_stream_slots,
+            idle_s=config.stream_idle_s,
+            max_s=config.stream_max_s,
+        ),
+        caller_of=app.auth.caller_id,
+    )
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coldswarm-rpc"),
+        interceptors=[guard, MetricsInterceptor(metrics)],
         options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", send_limit),
             ("grpc.so_reuseport", 0),
+            *CONNECTION_LIMITS,
             *TCP_TUNING,
         ],
-        maximum_concurrent_rpcs=None,
-        interceptors=[MetricsInterceptor(metrics)],
+        # Calls beyond this wait for no thread: RESOURCE_EXHAUSTED at once (a queue, not a backlog).
+        maximum_concurrent_rpcs=config.threads * 8,
     )
     pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
@@ -112,6 +143,7 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
     else:
         port = server.add_insecure_port(config.listen)
     if port == 0:
+        guard.stop()
         if collector is not None:
             collector.stop()
         app.stop()
@@ -120,7 +152,7 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
     host = config.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     log.info("serving on %s%s", address, " with TLS" if config.tls_cert else "")
-    running = RunningServer(server, app, port, address, health_servicer, collector, metrics)
+    running = RunningServer(server, app, port, address, health_servicer, collector, metrics, guard=guard)
     if config.http_listen:
         from coldswarm.coordinator.status_http import StatusServer
 

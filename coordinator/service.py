@@ -13,11 +13,14 @@ from importlib import metadata
 
 import grpc
 
+from coldswarm.common.quoting import bounded
 from coldswarm.coordinator.app import Coordinator
 from coldswarm.coordinator.assignments import AssignmentInfo
-from coldswarm.coordinator.auth import Principal
+from coldswarm.coordinator.auth import Principal, token_key
 from coldswarm.coordinator.contributions import ContributionRow
 from coldswarm.coordinator.errors import CoordinatorError, InvalidArgument
+from coldswarm.coordinator.limits import finite_or_none
+from coldswarm.coordinator.paging import fill_page, page_request
 from coldswarm.coordinator.rounds import RoundRow
 from coldswarm.coordinator.states import RoundKind
 from coldswarm.coordinator.uploads import Chunk
@@ -34,17 +37,19 @@ except metadata.PackageNotFoundError:  # running from a source tree
     COORDINATOR_VERSION = "0+unknown"
 
 
-def _fail(context, exc: Exception, name: str):
+def _fail(app: Coordinator, context, exc: Exception, name: str):
+    """Abort the call: a domain error with its code and its message (bounded, and with no server path even
+    where a part forgot), anything else INTERNAL with a pointer to the log (which alone has the details)."""
     if isinstance(exc, CoordinatorError):
-        context.abort(exc.code, exc.message)
+        context.abort(exc.code, bounded(app.redact(exc.message)))
     log.exception("%s failed", name)
-    context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error in {name}: {exc} (details in the coordinator's log)"
-    )
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error in {name} (details in the coordinator's log)")
 
 
 def rpc(need: str):
-    """Decorate a servicer method ``(self, request, context, principal)``: auth + error mapping."""
+    """Decorate a servicer method ``(self, request, context, principal)``: auth, the door's limits on the
+    request (:mod:`coldswarm.coordinator.limits`), error mapping. A client-streaming method gets its
+    request iterator, whose messages it checks itself."""
 
     def deco(fn):
         @functools.wraps(fn)
@@ -53,9 +58,11 @@ def rpc(need: str):
                 principal = self.app.auth.authenticate(context.invocation_metadata(), need)
                 if principal.worker_id:
                     self.app.workers.touch(principal.worker_id)
+                if hasattr(request, "DESCRIPTOR"):
+                    self.app.door.check(request)
                 return fn(self, request, context, principal)
             except Exception as exc:  # mapped, never raised into grpc's thread
-                _fail(context, exc, fn.__name__)
+                _fail(self.app, context, exc, fn.__name__)
 
         return unary
 
@@ -70,9 +77,10 @@ def rpc_stream(need: str):
         def stream(self, request, context):
             try:
                 principal = self.app.auth.authenticate(context.invocation_metadata(), need)
+                self.app.door.check(request)
                 yield from fn(self, request, context, principal)
             except Exception as exc:
-                _fail(context, exc, fn.__name__)
+                _fail(self.app, context, exc, fn.__name__)
 
         return stream
 
@@ -120,7 +128,13 @@ def round_pb(r: RoundRow) -> pb.Round:
     return msg
 
 
-def contribution_pb(c: ContributionRow) -> pb.Contribution:
+def _json_for_listing(text: str, limit: int) -> str:
+    """A stored JSON text for a reply; one larger than the door admits today (a row from before the limit)
+    is replaced by a note, so it cannot make a page or a listing fail."""
+    return text if len(text) <= limit else '{"omitted": "larger than this coordinator lists"}'
+
+
+def contribution_pb(c: ContributionRow, limit: int = 64 * 1024) -> pb.Contribution:
     return pb.Contribution(
         id=c.id,
         round_id=c.round_id,
@@ -130,13 +144,13 @@ def contribution_pb(c: ContributionRow) -> pb.Contribution:
         size=c.size,
         sha256=c.sha256,
         num_examples=c.num_examples,
-        metrics_json=c.metrics_json,
+        metrics_json=_json_for_listing(c.metrics_json, limit),
         state=c.state,
         created_at=c.created_at,
     )
 
 
-def worker_pb(w: WorkerRow) -> pb.WorkerInfo:
+def worker_pb(w: WorkerRow, limit: int = 64 * 1024) -> pb.WorkerInfo:
     caps = pb.Capabilities()
     try:
         caps.ParseFromString(w.capabilities)
@@ -150,7 +164,7 @@ def worker_pb(w: WorkerRow) -> pb.WorkerInfo:
         last_seen=w.last_seen,
         state=w.state,
         assignment_id=w.assignment_id,
-        progress_json=w.progress_json,
+        progress_json=_json_for_listing(w.progress_json, limit),
     )
 
 
@@ -167,12 +181,11 @@ def token_pb(t) -> pb.TokenInfo:
     return pb.TokenInfo(id=t.id, kind=t.kind, label=t.label, created_at=t.created_at, revoked=t.revoked)
 
 
-def _download(app: Coordinator, request, context):
-    number = app.versions.resolve(request.version)
+def _download(app: Coordinator, number: int, request, context):
     path, size, _sha = app.versions.file(number, request.path)
     offset = int(request.offset)
     if offset > size:
-        raise InvalidArgument(f"offset {offset} is past the end of {request.path} ({size} bytes)")
+        raise InvalidArgument(f"offset {offset} is past the end of that file ({size} bytes)")
     step = app.config.chunk_bytes
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -205,14 +218,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @rpc("worker")
     def Heartbeat(self, request, context, principal: Principal):
-        progress = {
+        progress = {  # strict JSON for whoever lists it: NaN ("no loss yet") becomes null
             "assignment_id": request.assignment_id,
             "phase": request.phase,
             "step": request.step,
             "total_steps": request.total_steps,
-            "loss": request.loss,
-            "samples_per_s": request.samples_per_s,
-            "metrics": dict(request.metrics),
+            "loss": finite_or_none(request.loss),
+            "samples_per_s": finite_or_none(request.samples_per_s),
+            "metrics": {k: finite_or_none(v) for k, v in request.metrics.items()},
         }
         self.app.workers.heartbeat(principal.worker_id, progress)
         cancel = self.app.assignments.should_cancel(principal.worker_id, request.assignment_id)
@@ -236,11 +249,11 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @rpc("worker")
     def GetVersion(self, request, context, principal: Principal):
-        return version_pb(self.app.versions.get(request.version))
+        return version_pb(self.app.versions.get(self.app.version_for_worker(request.version)))
 
     @rpc_stream("worker")
     def DownloadVersion(self, request, context, principal: Principal):
-        yield from _download(self.app, request, context)
+        yield from _download(self.app, self.app.version_for_worker(request.version), request, context)
 
     @rpc("worker")
     def BeginUpload(self, request, context, principal: Principal):
@@ -258,8 +271,14 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
 
     @rpc("worker")
     def UploadContribution(self, request_iterator, context, principal: Principal):
-        chunks = (Chunk(c.upload_id, c.offset, c.data, c.sha256) for c in request_iterator)
-        result = self.app.uploads.receive(principal.worker_id, chunks, context.is_active)
+        door = self.app.door
+
+        def chunks():
+            for c in request_iterator:
+                door.check(c)
+                yield Chunk(c.upload_id, c.offset, c.data, c.sha256)
+
+        result = self.app.uploads.receive(principal.worker_id, chunks(), context.is_active)
         return pb.UploadResponse(
             contribution_id=result.contribution_id, sha256=result.sha256, size=result.size
         )
@@ -296,26 +315,39 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
             msg.open_round.CopyFrom(round_pb(live))
         return msg
 
+    # Every listing pages (AIP-158; coordinator/paging.py): a page is fetched with one row more than it
+    # holds, to know whether another follows.
+
     @rpc("admin")
     def ListWorkers(self, request, context, principal):
-        return pb.ListWorkersResponse(
-            workers=[worker_pb(w) for w in self.app.workers.list(request.include_gone)]
-        )
+        page = page_request("workers", request.page_size, request.page_token, gone=request.include_gone)
+        rows = self.app.workers.list(request.include_gone, after=page.after, limit=page.size + 1)
+        limit = self.app.listing_json_chars
+        items, token = fill_page(rows, lambda kr: worker_pb(kr[1], limit), lambda kr: kr[0], page)
+        return pb.ListWorkersResponse(workers=items, next_page_token=token)
 
     @rpc("admin")
     def ListVersions(self, request, context, principal):
-        return pb.ListVersionsResponse(versions=[version_pb(v) for v in self.app.versions.list()])
+        page = page_request("versions", request.page_size, request.page_token)
+        rows = self.app.versions.list(after=page.after, limit=page.size + 1)
+        items, token = fill_page(rows, version_pb, lambda v: v.number, page)
+        return pb.ListVersionsResponse(versions=items, next_page_token=token)
 
     @rpc("admin")
     def ListRounds(self, request, context, principal):
-        return pb.ListRoundsResponse(rounds=[round_pb(r) for r in self.app.rounds.list()])
+        page = page_request("rounds", request.page_size, request.page_token)
+        rows = self.app.rounds.list(after=page.after, limit=page.size + 1)
+        items, token = fill_page(rows, round_pb, lambda r: r.id, page)
+        return pb.ListRoundsResponse(rounds=items, next_page_token=token)
 
     @rpc("admin")
     def ListContributions(self, request, context, principal):
         rid = request.round_id if request.HasField("round_id") else None
-        return pb.ListContributionsResponse(
-            contributions=[contribution_pb(c) for c in self.app.contributions.list(rid)]
-        )
+        page = page_request("contributions", request.page_size, request.page_token, round=rid)
+        rows = self.app.contributions.list(rid, after=page.after, limit=page.size + 1)
+        limit = self.app.listing_json_chars
+        items, token = fill_page(rows, lambda c: contribution_pb(c, limit), lambda c: c.id, page)
+        return pb.ListContributionsResponse(contributions=items, next_page_token=token)
 
     @rpc("admin")
     def CreateToken(self, request, context, principal):
@@ -328,7 +360,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc("admin")
     def ListTokens(self, request, context, principal):
-        return pb.ListTokensResponse(tokens=[token_pb(t) for t in self.app.auth.list()])
+        page = page_request("tokens", request.page_size, request.page_token)
+        rows = self.app.auth.list(after=page.after, limit=page.size + 1)
+        items, token = fill_page(rows, token_pb, lambda t: list(token_key(t)), page)
+        return pb.ListTokensResponse(tokens=items, next_page_token=token)
 
     @rpc("admin")
     def OpenRound(self, request, context, principal):
@@ -362,4 +397,4 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc_stream("admin")
     def DownloadVersion(self, request, context, principal):
-        yield from _download(self.app, request, context)
+        yield from _download(self.app, self.app.versions.resolve(request.version), request, context)

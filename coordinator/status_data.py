@@ -229,7 +229,7 @@ class StatusData:
 
     def _workers(self, admin: bool) -> dict:
         app = self.app
-        rows = app.workers.list(include_gone=admin)
+        rows = [row for _, row in app.workers.list(include_gone=admin)]
         active = [w for w in rows if w.state != WorkerState.GONE]
         by_device: dict[str, int] = {}
         by_state: dict[str, int] = {}

@@ -18,12 +18,19 @@ Protocol (WorkerService.BeginUpload + UploadContribution):
 
 A refused upload is discarded entirely (row and partial file): the worker starts
 again with BeginUpload. An *interrupted* one (the connection or the coordinator
-died) keeps its partial file, and BeginUpload resumes it.
+died, or the server ended an idle or too-long stream) keeps its partial file, and
+BeginUpload resumes it, until its round closes or its worker leaves: then it is
+removed at once (:meth:`UploadManager.discard_round`, :meth:`UploadManager.discard_worker`).
+
+A chunk larger than ``max_chunk_bytes`` is refused here (RESOURCE_EXHAUSTED, the
+upload discarded). gRPC's own message limit sits well above it (``server.py``): a
+message past *that* is refused by gRPC before the coordinator sees it, and the
+sync server shows it only as a stream the client broke off, so such an upload is
+kept as interrupted (and removed with its round or worker).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
@@ -33,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coldswarm.common.hashing import hash_prefix
+from coldswarm.common.quoting import quote
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.contributions import Contributions
 from coldswarm.coordinator.errors import (
@@ -44,6 +52,7 @@ from coldswarm.coordinator.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from coldswarm.coordinator.limits import check_int, parse_json_object
 from coldswarm.coordinator.rounds import RoundStateMachine
 from coldswarm.coordinator.states import RoundState
 from coldswarm.coordinator.store import Store
@@ -53,6 +62,8 @@ from coldswarm.fusion.codecs import CODECS
 from coldswarm.fusion.errors import DecodedTooLarge
 
 log = logging.getLogger(__name__)
+#: how many discarded uploads are remembered, to tell a late chunk why its upload is gone
+_GONE_REMEMBERED = 1024
 
 
 def _decode(codec: str, data: bytes, max_output: int) -> bytes:
@@ -85,6 +96,7 @@ class UploadManager:
         root: Path,
         max_upload_bytes: int,
         chunk_bytes: int,
+        max_metrics_bytes: int = 16 * 1024,
     ):
         self.store = store
         self.blobs = blobs
@@ -95,7 +107,9 @@ class UploadManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self.max_upload_bytes = max_upload_bytes
         self.chunk_bytes = chunk_bytes
+        self.max_metrics_bytes = max_metrics_bytes
         self._active: set[str] = set()
+        self._gone: dict[str, str] = {}  # upload id -> why it was discarded (the latest few, oldest first)
         self._lock = threading.Lock()
 
     def part_path(self, upload_id: str) -> Path:
@@ -130,6 +144,7 @@ class UploadManager:
         """Returns (upload id, offset to continue from, max chunk bytes)."""
         if total_size <= 0:
             raise InvalidArgument("total_size must be the payload's size in bytes (> 0)")
+        check_int(num_examples, "num_examples")
         if total_size > self.max_upload_bytes:
             raise ResourceExhausted(
                 f"payload of {total_size} bytes exceeds this coordinator's limit of {self.max_upload_bytes} "
@@ -137,13 +152,9 @@ class UploadManager:
             )
         codec = codec or "none"
         if codec not in CODECS:
-            raise InvalidArgument(f"unknown codec {codec!r}; this coordinator decodes {sorted(CODECS)}")
+            raise InvalidArgument(f"unknown codec {quote(codec)}; this coordinator decodes {sorted(CODECS)}")
+        parse_json_object(metrics_json, "metrics_json", self.max_metrics_bytes, "--max-metrics-bytes")
         metrics_json = metrics_json or "{}"
-        try:
-            if not isinstance(json.loads(metrics_json), dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            raise InvalidArgument(f"metrics_json must be a JSON object: {exc}") from None
         self.contributions.check_can_contribute(worker_id, round_id, base_version, assignment_id)
         existing = self.store.one(
             "SELECT * FROM uploads WHERE worker_id=? AND round_id=?", (worker_id, round_id)
@@ -169,7 +180,8 @@ class UploadManager:
                 )
             self.discard(existing["id"])
         upload_id = f"u-{secrets.token_hex(8)}"
-        self.part_path(upload_id).touch()
+        # The row first, then its file: a failure between them leaves a row whose partial file is simply
+        # empty (resumed from 0), never a file no row names.
         with self.store.tx() as c:
             c.execute(
                 "INSERT INTO uploads(id, worker_id, round_id, assignment_id, base_version, total_size, codec, "
@@ -187,6 +199,7 @@ class UploadManager:
                     time.time(),
                 ),
             )
+        self.part_path(upload_id).touch()
         return upload_id, 0, self.chunk_bytes
 
     def discard(self, upload_id: str) -> None:
@@ -194,6 +207,26 @@ class UploadManager:
         with self.store.tx() as c:
             c.execute("DELETE FROM uploads WHERE id=?", (upload_id,))
         self.part_path(upload_id).unlink(missing_ok=True)
+
+    def discard_round(self, round_id: int, why: str) -> None:
+        """A round closed: its unfinished uploads can never be accepted; drop them now. One still streaming
+        is dropped when its stream ends (it is refused then: the round is closed)."""
+        self._discard_where("round_id=?", (round_id,), why)
+
+    def discard_worker(self, worker_id: str, why: str) -> None:
+        """A worker left: it will never resume its uploads."""
+        self._discard_where("worker_id=?", (worker_id,), why)
+
+    def _discard_where(self, where: str, args: tuple, why: str) -> None:
+        for r in self.store.all(f"SELECT id FROM uploads WHERE {where}", args):
+            with self._lock:
+                if r["id"] in self._active:
+                    continue
+                # A chunk that still arrives for it is told why (FAILED_PRECONDITION), not just NOT_FOUND.
+                self._gone[r["id"]] = why
+                while len(self._gone) > _GONE_REMEMBERED:
+                    self._gone.pop(next(iter(self._gone)))
+            self.discard(r["id"])
 
     # -- UploadContribution ---------------------------------------------------------------
 
@@ -205,13 +238,21 @@ class UploadManager:
             first = next(it)
         except StopIteration:
             raise InvalidArgument("the upload stream was empty: send chunks after BeginUpload") from None
+        except CoordinatorError:  # the chunk itself was refused at the door
+            raise
         except Exception:  # the client went away before its first chunk arrived: nothing to keep
             raise FailedPrecondition("the upload stream broke off before its first chunk; retry") from None
         row = self.store.one("SELECT * FROM uploads WHERE id=?", (first.upload_id,))
         if row is None:
-            raise NotFound(f"no upload {first.upload_id!r} in progress: call BeginUpload first")
+            with self._lock:
+                why = self._gone.get(first.upload_id)
+            if why is not None:
+                raise FailedPrecondition(
+                    f"upload {quote(first.upload_id)} was discarded: {why} and takes no more contributions"
+                )
+            raise NotFound(f"no upload {quote(first.upload_id)} in progress: call BeginUpload first")
         if row["worker_id"] != worker_id:
-            raise PermissionDenied(f"upload {first.upload_id} belongs to another worker")
+            raise PermissionDenied(f"upload {quote(first.upload_id)} belongs to another worker")
         upload_id = row["id"]
         with self._lock:
             if upload_id in self._active:
@@ -231,14 +272,21 @@ class UploadManager:
         except CoordinatorError:
             raise
         except Exception:
-            # Our own failure (disk full, a bug): keep the bytes so the worker can resume.
-            keep_partial = True
+            # Our own failure (disk full, a bug): keep the bytes so the worker can resume, if they are
+            # still there (a failure after the payload became a blob has nothing left to resume).
+            keep_partial = self.part_path(upload_id).exists()
             raise
         finally:
             with self._lock:
                 self._active.discard(upload_id)
+            if keep_partial and not self._round_open(int(row["round_id"])):
+                keep_partial = False  # the round closed meanwhile: nothing will resume it
             if not keep_partial and self.store.one("SELECT 1 FROM uploads WHERE id=?", (upload_id,)):
                 self.discard(upload_id)
+
+    def _round_open(self, round_id: int) -> bool:
+        r = self.store.one("SELECT state FROM rounds WHERE id=?", (round_id,))
+        return r is not None and r["state"] == RoundState.OPEN
 
     def _receive(self, row, first: Chunk, it, is_active) -> UploadResult:
         upload_id, total = row["id"], int(row["total_size"])
@@ -256,7 +304,12 @@ class UploadManager:
             while chunk is not None:
                 if chunk.upload_id and chunk.upload_id != upload_id:
                     raise InvalidArgument(
-                        f"chunk for upload {chunk.upload_id!r} in the stream of {upload_id}"
+                        f"chunk for upload {quote(chunk.upload_id)} in the stream of {upload_id}"
+                    )
+                if len(chunk.data) > self.chunk_bytes:
+                    raise ResourceExhausted(
+                        f"a chunk of {len(chunk.data)} bytes is over max_chunk_bytes ({self.chunk_bytes}, from "
+                        "BeginUpload); the upload was discarded: call BeginUpload again"
                     )
                 if chunk.offset != expected:
                     raise InvalidArgument(
@@ -292,6 +345,8 @@ class UploadManager:
                     chunk = next(it)
                 except StopIteration:
                     chunk = None
+                except CoordinatorError:  # the chunk itself was refused at the door
+                    raise
                 except Exception as exc:  # the client went away mid-stream
                     raise _Interrupted() from exc
         if not final_sha:
@@ -334,7 +389,7 @@ class UploadManager:
             except Exception as exc:
                 decoded.unlink(missing_ok=True)
                 raise InvalidArgument(
-                    f"the payload does not decode with codec {row['codec']!r}: {exc}"
+                    f"the payload does not decode with codec {row['codec']!r}: {quote(exc, 200)}"
                 ) from None
         try:
             summary = check_contribution(
@@ -348,7 +403,7 @@ class UploadManager:
             if decoded != part:
                 decoded.unlink(missing_ok=True)
             raise
-        num_examples = int(row["num_examples"]) or int(summary.meta.get("num_examples", 0) or 0)
+        num_examples = int(row["num_examples"]) or summary.num_examples
         # The blob is complete and verified before any row names it; if the transaction below
         # refuses (round closed meanwhile), the blob is removed again unless something else uses it.
         size = part.stat().st_size

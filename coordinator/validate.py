@@ -18,8 +18,11 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from coldswarm.common.quoting import quote
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument
+from coldswarm.coordinator.limits import INT64_MAX, UINT32_MAX, check_int
 from coldswarm.coordinator.versions import FLOAT_DTYPES, ParamInfo
+from coldswarm.fusion.contribution import open_contribution
 from coldswarm.fusion.errors import ContributionError
 from coldswarm.fusion.validate import validate_contribution
 
@@ -35,6 +38,12 @@ NAMESPACES = {
     "gram": "module",
 }
 FORM_OF = {"weight": "full", "delta": "delta", "lora_A": "lora", "lora_B": "lora", "ia3": "ia3"}
+#: the longest tensor name taken (a base parameter's name is far shorter)
+NAME_CHARS = 512
+#: how much of a tensor name a refusal quotes (whole for any real parameter name)
+TENSOR_QUOTE = 120
+#: how a contribution is named in refusals: never by the file it sits in on the coordinator
+LABEL = "upload"
 
 
 @dataclass
@@ -42,6 +51,7 @@ class ContributionSummary:
     form: str
     num_tensors: int
     meta: dict = field(default_factory=dict)
+    num_examples: int = 0  # what the metadata says (0 when it says nothing)
 
 
 def _shape_ok(ns: str, shape: tuple[int, ...], base: tuple[int, ...]) -> bool:
@@ -86,9 +96,10 @@ def check_contribution(
     try:
         fh = safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = quote(exc if not isinstance(exc, OSError) else exc.strerror, 120)
         raise InvalidArgument(
-            f"the payload is not a safetensors file ({exc}); contributions must be safetensors "
-            "(coldswarm.fusion.contribution.save_contribution writes one)"
+            f"the payload is not a safetensors file ({reason}); contributions must be safetensors "
+            "(docs/WIRE.md, the contribution payload)"
         ) from None
     with fh:
         raw_meta = (fh.metadata() or {}).get("coldswarm")
@@ -99,7 +110,10 @@ def check_contribution(
                 if not isinstance(meta, dict):
                     raise ValueError("not an object")
             except ValueError as exc:
-                raise InvalidArgument(f"the `coldswarm` metadata is not a JSON object: {exc}") from None
+                raise InvalidArgument(
+                    f"the `coldswarm` metadata is not a JSON object: {quote(exc, 120)}"
+                ) from None
+        num_examples = _check_meta(meta)
         claimed = meta.get("base_version")
         if claimed is not None and claimed != base_version:
             raise FailedPrecondition(
@@ -112,55 +126,77 @@ def check_contribution(
         forms = set()
         lora = {"lora_A": set(), "lora_B": set()}
         for name in names:
+            if len(name) > NAME_CHARS:
+                raise InvalidArgument(
+                    f"tensor {quote(name, TENSOR_QUOTE)}: the name is {len(name)} characters; the limit is {NAME_CHARS}"
+                )
+        for name in names:
             ns, sep, rest = name.partition("/")
             if not sep or ns not in NAMESPACES:
                 raise InvalidArgument(
-                    f"tensor {name!r}: names must start with one of {sorted(NAMESPACES)} and '/' "
-                    "(docs/INTERFACES.md, contribution payload)"
+                    f"tensor {quote(name, TENSOR_QUOTE)}: names must start with one of {sorted(NAMESPACES)} and '/' "
+                    "(docs/WIRE.md, the contribution payload)"
                 )
             target = rest if NAMESPACES[ns] == "param" else f"{rest}.weight"
             info = base.get(target)
             if info is None:
-                raise InvalidArgument(f"tensor {name!r}: the base model has no parameter {target!r}")
+                raise InvalidArgument(
+                    f"tensor {quote(name, TENSOR_QUOTE)}: the base model has no parameter {quote(target, TENSOR_QUOTE)}"
+                )
             sl = fh.get_slice(name)
             shape = tuple(sl.get_shape())
             dtype = str(sl.get_dtype())
             if dtype not in FLOAT_DTYPES:
                 raise InvalidArgument(
-                    f"tensor {name!r}: dtype {dtype} is not floating point (F16/BF16/F32/F64)"
+                    f"tensor {quote(name, TENSOR_QUOTE)}: dtype {dtype} is not floating point (F16/BF16/F32/F64)"
                 )
             if not _shape_ok(ns, shape, info.shape):
                 raise InvalidArgument(
-                    f"tensor {name!r}: shape {list(shape)} does not fit the base parameter "
-                    f"{target!r} of shape {list(info.shape)}"
+                    f"tensor {quote(name, TENSOR_QUOTE)}: shape {list(shape)} does not fit the base parameter "
+                    f"{quote(target, TENSOR_QUOTE)} of shape {list(info.shape)}"
                 )
             tensor = fh.get_tensor(name)
             if tensor.numel() and not _finite(tensor):
-                raise InvalidArgument(f"tensor {name!r} holds NaN or Inf values")
+                raise InvalidArgument(f"tensor {quote(name, TENSOR_QUOTE)} holds NaN or Inf values")
             if ns in lora:
                 lora[ns].add(rest)
             if ns in FORM_OF:
                 forms.add(FORM_OF[ns])
         if lora["lora_A"] != lora["lora_B"]:
             odd = sorted(lora["lora_A"] ^ lora["lora_B"])[0]
-            raise InvalidArgument(f"module {odd!r} has only one of lora_A/lora_B")
+            raise InvalidArgument(f"module {quote(odd, TENSOR_QUOTE)} has only one of lora_A/lora_B")
     if len(forms) > 1:
         raise InvalidArgument(f"the contribution mixes forms {sorted(forms)}; send one form per contribution")
     form = meta.get("form") or (forms.pop() if forms else "statistics")
     if base_dir is not None:
         _fusion_validate(path, base_dir, base_version, method)
-    return ContributionSummary(form=str(form), num_tensors=len(names), meta=meta)
+    return ContributionSummary(form=str(form), num_tensors=len(names), meta=meta, num_examples=num_examples)
+
+
+def _check_meta(meta: dict) -> int:
+    """The metadata fields the coordinator stores or compares, in range before they reach SQLite; returns
+    ``num_examples``. (fusion's validator checks the rest; its messages then quote only bounded values.)"""
+    form = meta.get("form")
+    if form is not None and (not isinstance(form, str) or form not in (*FORM_OF.values(), "statistics")):
+        raise InvalidArgument(
+            f"the metadata's form {quote(form)} is not one of {sorted({*FORM_OF.values(), 'statistics'})}"
+        )
+    if meta.get("base_version") is not None:
+        check_int(meta["base_version"], "the metadata's base_version", 0, UINT32_MAX)
+    num_examples = meta.get("num_examples")
+    return 0 if num_examples is None else check_int(num_examples, "the metadata's num_examples", 0, INT64_MAX)
 
 
 def _fusion_validate(path: Path, base_dir: Path, base_version: int, method: str) -> None:
-    """fusion's own validation (it names the contribution and the tensor on failure)."""
+    """fusion's own validation (it names the contribution, here by :data:`LABEL`, and the tensor)."""
     try:
-        validate_contribution(
-            str(path),
-            str(base_dir),
-            base_version=base_version,
-            require_fisher=method == "fisher",
-            require_gram=method == "regmean",
-        )
+        with open_contribution(path, label=LABEL) as contribution:
+            validate_contribution(
+                contribution,
+                str(base_dir),
+                base_version=base_version,
+                require_fisher=method == "fisher",
+                require_gram=method == "regmean",
+            )
     except ContributionError as exc:
         raise InvalidArgument(str(exc)) from None

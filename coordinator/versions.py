@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -25,12 +26,15 @@ from safetensors import safe_open
 
 from coldswarm.common.durable import fsync_dir
 from coldswarm.common.manifest import MANIFEST_NAME
+from coldswarm.common.quoting import quote
 from coldswarm.coordinator.blobs import BlobStore
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument, NotFound
+from coldswarm.coordinator.limits import UINT32_MAX
 from coldswarm.coordinator.states import VersionState
 from coldswarm.coordinator.store import Store
 
 RUN_ID = "default"
+_VERSION_NUMBER = re.compile(r"[0-9]{1,10}", re.ASCII)
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "float16", "bfloat16", "float32", "float64"}
 
 
@@ -108,20 +112,27 @@ class VersionStore:
         return int(self.store.one("SELECT COUNT(*) FROM versions")[0])
 
     def resolve(self, spec: str | int) -> int:
-        """A version number from ``spec``: a number, or "latest"/"" for the published pointer."""
-        text = str(spec).strip().lower()
-        if text in ("", "latest"):
+        """A version number from ``spec``: ASCII digits (a number that fits the wire's uint32), or
+        "latest"/"" for the published pointer. Python's int() would take "٠" or " 1_0 " too: not here."""
+        text = str(spec)
+        if text.lower() in ("", "latest"):
             current = self.current()
             if current is None:
                 raise NotFound("no version is published yet: create version 0 (serve --base-model DIR)")
             return current
-        try:
-            number = int(text)
-        except ValueError:
-            raise InvalidArgument(f"version {spec!r} is neither a number nor 'latest'") from None
-        if number < 0 or self.store.one("SELECT 1 FROM versions WHERE number=?", (number,)) is None:
+        if not _VERSION_NUMBER.fullmatch(text) or int(text) > UINT32_MAX:
+            raise InvalidArgument(
+                f"version {quote(text)} is neither 'latest' nor a version number (ASCII digits, at most "
+                f"{UINT32_MAX})"
+            )
+        number = int(text)
+        if self.store.one("SELECT 1 FROM versions WHERE number=?", (number,)) is None:
             raise NotFound(f"no version {number}: `coldswarm-admin versions` lists them")
         return number
+
+    def state(self, number: int) -> str:
+        """A version's state (:class:`~coldswarm.coordinator.states.VersionState`)."""
+        return self.store.one("SELECT state FROM versions WHERE number=?", (number,))["state"]
 
     def get(self, spec: str | int) -> VersionRow:
         number = self.resolve(spec)
@@ -134,8 +145,13 @@ class VersionStore:
         ]
         return self._row(r, files)
 
-    def list(self) -> list[VersionRow]:
-        return [self.get(r[0]) for r in self.store.all("SELECT number FROM versions ORDER BY number")]
+    def list(self, after: int | None = None, limit: int = -1) -> list[VersionRow]:
+        """Versions in number order, after number ``after``, at most ``limit`` (-1: all)."""
+        rows = self.store.all(
+            "SELECT number FROM versions WHERE number > ? ORDER BY number LIMIT ?",
+            (-1 if after is None else int(after), limit),
+        )
+        return [self.get(r[0]) for r in rows]
 
     def _row(self, r, files) -> VersionRow:
         current = self.current()
@@ -160,7 +176,7 @@ class VersionStore:
             "SELECT sha256, size FROM version_files WHERE version=? AND path=?", (number, path)
         )
         if r is None:
-            raise NotFound(f"version {number} has no file {path!r}: GetVersion lists its files")
+            raise NotFound(f"version {number} has no file {quote(path)}: GetVersion lists its files")
         return self.blobs.path(r["sha256"]), int(r["size"]), r["sha256"]
 
     # -- writing --------------------------------------------------------------------------

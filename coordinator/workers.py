@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from coldswarm.coordinator.auth import Auth, Principal
 from coldswarm.coordinator.errors import NotFound
+from coldswarm.coordinator.limits import NAME_CHARS
 from coldswarm.coordinator.states import AssignmentState, RoundState, WorkerState
 from coldswarm.coordinator.store import Store
 
@@ -43,6 +44,8 @@ class WorkerRegistry:
         self.store = store
         self.auth = auth
         self.gone_after_s = gone_after_s
+        #: called with the worker id after a worker left (e.g. to drop its unfinished uploads)
+        self.on_leave: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._seen: dict[str, tuple[float, str]] = {}  # worker id -> (last seen, progress json), unflushed
         self._touched: dict[str, float] = {}  # worker id -> last seen, unflushed
@@ -65,7 +68,7 @@ class WorkerRegistry:
             c.execute(
                 "INSERT INTO workers(id, name, capabilities, token_id, session_hash, registered_at, last_seen, "
                 "address) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (worker_id, name[:200], capabilities, principal.token_id, h, now, now, address[:200]),
+                (worker_id, name[:NAME_CHARS], capabilities, principal.token_id, h, now, now, address[:200]),
             )
         self.auth.add_session(h, worker_id, principal.token_id)
         with self._lock:
@@ -118,6 +121,8 @@ class WorkerRegistry:
         with self._lock:
             self._known.pop(worker_id, None)
             self._seen.pop(worker_id, None)
+        for callback in self.on_leave:
+            callback(worker_id)
 
     def last_seen(self, worker_id: str) -> float | None:
         with self._lock:
@@ -127,7 +132,11 @@ class WorkerRegistry:
         seen = self.last_seen(worker_id)
         return seen is not None and (now or time.time()) - seen < self.gone_after_s
 
-    def list(self, include_gone: bool = False) -> list[WorkerRow]:
+    def list(
+        self, include_gone: bool = False, after: int | None = None, limit: int = -1
+    ) -> list[tuple[int, WorkerRow]]:
+        """(key, row) of registered workers in registration order (gone ones only with ``include_gone``),
+        from after key ``after``, at most ``limit`` (-1: all). The key is the row's SQLite rowid."""
         self.flush()
         now = time.time()
         active = {
@@ -138,28 +147,31 @@ class WorkerRegistry:
                 (AssignmentState.ACTIVE, RoundState.OPEN),
             )
         }
+        where, args = "rowid > ?", [-1 if after is None else int(after)]
+        if not include_gone:
+            where += " AND left_at IS NULL AND last_seen > ?"
+            args.append(now - self.gone_after_s)
         out = []
-        for r in self.store.all("SELECT * FROM workers ORDER BY registered_at"):
+        for r in self.store.all(
+            f"SELECT rowid AS k, * FROM workers WHERE {where} ORDER BY rowid LIMIT ?", (*args, limit)
+        ):
             gone = r["left_at"] is not None or now - r["last_seen"] >= self.gone_after_s
-            if gone and not include_gone:
-                continue
             state = (
                 WorkerState.GONE if gone else (WorkerState.WORKING if r["id"] in active else WorkerState.IDLE)
             )
-            out.append(
-                WorkerRow(
-                    id=r["id"],
-                    name=r["name"],
-                    capabilities=bytes(r["capabilities"]),
-                    registered_at=r["registered_at"],
-                    last_seen=r["last_seen"],
-                    state=state,
-                    assignment_id=active.get(r["id"], ""),
-                    progress_json=r["progress_json"],
-                    token_id=r["token_id"],
-                    address=r["address"],
-                )
+            row = WorkerRow(
+                id=r["id"],
+                name=r["name"],
+                capabilities=bytes(r["capabilities"]),
+                registered_at=r["registered_at"],
+                last_seen=r["last_seen"],
+                state=state,
+                assignment_id=active.get(r["id"], ""),
+                progress_json=r["progress_json"],
+                token_id=r["token_id"],
+                address=r["address"],
             )
+            out.append((int(r["k"]), row))
         return out
 
     def counts(self) -> tuple[int, int]:
