@@ -152,8 +152,12 @@ def entry(
     is_current: bool,
     created_at: float,
     manifest: Mapping | str,
+    worker_of: Mapping[int, str] | None = None,
 ) -> LineageEntry:
-    """A version's entry from its row's fields and its manifest (a dict, or its JSON)."""
+    """A version's entry from its row's fields and its manifest (a dict, or its JSON).
+
+    Manifests name contributions by id only (every worker reads them); ``worker_of`` (contribution id ->
+    worker id, from the coordinator's database) names their workers, for the admin's view."""
     if isinstance(manifest, str):
         try:
             manifest = json.loads(manifest or "{}")
@@ -176,7 +180,7 @@ def entry(
         examples=sum(int(c.get("num_examples") or 0) for c in contributions),
         metrics=flat_metrics(metrics) if isinstance(metrics, Mapping) else {},
         gate=_gate(manifest),
-        contributors=tuple(str(c.get("worker", "")) for c in contributions),
+        contributors=tuple(str((worker_of or {}).get(c.get("id"), "")) for c in contributions),
     )
 
 

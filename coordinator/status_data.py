@@ -144,6 +144,14 @@ class StatusData:
 
     def _entries(self) -> list[lineage.LineageEntry]:
         current = self.app.versions.current()
+        worker_of = {
+            r["id"]: r["worker_id"]
+            for r in self.app.store.all(
+                "SELECT c.id, c.worker_id FROM contributions c JOIN versions v ON v.round_id = c.round_id "
+                "WHERE v.number > (SELECT COALESCE(MAX(number), 0) FROM versions) - ?",
+                (MAX_VERSIONS,),
+            )
+        }
         return [
             lineage.entry(
                 number=r["number"],
@@ -154,6 +162,7 @@ class StatusData:
                 is_current=r["number"] == current,
                 created_at=r["created_at"],
                 manifest=r["manifest_json"],
+                worker_of=worker_of,
             )
             for r in self.app.store.all(
                 "SELECT number, parent, round_id, method, state, created_at, manifest_json FROM versions "

@@ -40,7 +40,7 @@ def manifest(**kw) -> str:
     return json.dumps({**base, **kw})
 
 
-def make(number, parent, state="published", current=False, metrics=None, **kw):
+def make(number, parent, state="published", current=False, metrics=None, worker_of=None, **kw):
     return entry(
         number=number,
         parent=parent,
@@ -50,6 +50,7 @@ def make(number, parent, state="published", current=False, metrics=None, **kw):
         is_current=current,
         created_at=1.0,
         manifest=manifest(metrics=metrics or {}, **kw),
+        worker_of=worker_of,
     )
 
 
@@ -67,7 +68,9 @@ def test_an_entry_carries_the_gates_scores_and_the_contributors():
             "tolerance": 0.01,
             "passed": False,
         },
-        contributions=[{"worker": "w-1", "num_examples": 10}, {"worker": "w-2", "num_examples": 22}],
+        # manifests name contributions by id; the coordinator's database names their workers
+        contributions=[{"id": 7, "num_examples": 10}, {"id": 9, "num_examples": 22}],
+        worker_of={7: "w-1", 9: "w-2"},
     )
     assert e.gate == {
         "decision": "rejected",

@@ -132,9 +132,9 @@ def _big_version(h, tmp_path) -> str:
     """Publish a version with a 16 MiB file: more than any flow-control window, so an unread download blocks."""
     import shutil
 
-    from .conftest import build_tiny_model
+    from support import save_tiny_t5
 
-    d = build_tiny_model(tmp_path / "big")
+    d = save_tiny_t5(tmp_path / "big")
     save_file({"blob": torch.zeros(4 * 2**20)}, str(d / "extra.safetensors"))
     v = h.app.merges.record_version(d, None, kind="init", publish=True)
     shutil.rmtree(d)
