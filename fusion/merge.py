@@ -42,7 +42,7 @@ from .checkpoint import CheckpointReader, ModelDirWriter, dtype_from_name
 from .contribution import Contribution, open_contribution
 from .errors import MergeConfigError
 from .merge_plan import Adjustments, MergeContext, MergePlan, open_context, output_layout, plan_merge
-from .merge_prepass import contribution_prepasses
+from .merge_prepass import contribution_prepasses, global_pass
 from .merge_step import TensorMerger, Timings
 from .methods import get_method
 from .screening import ScreenConfig
@@ -166,6 +166,9 @@ def merge_checkpoints(
         ctx = open_context(MergeContext(base, opened, key_list, entry, cfg, opts), base_version)
         adj = contribution_prepasses(ctx)
         plan = plan_merge(ctx, adj)
+        t0 = time.perf_counter()
+        plan.prepared = global_pass(ctx, plan, adj.factors)
+        adj.prepass_s += time.perf_counter() - t0
         metadata = {"format": "pt", **base.metadata}
         with ModelDirWriter(
             Path(out_dir), output_layout(ctx), base.model_dir, metadata, overwrite=overwrite

@@ -14,7 +14,7 @@ import torch
 from .checkpoint import ModelDirWriter
 from .errors import ContributionError, MergeError
 from .merge_plan import F32, Adjustments, MergeContext, MergePlan, TensorPlan, row_numel, rows_of
-from .merge_prepass import prepare_pass
+from .merge_prepass import prepare_pass, theta_into
 from .methods import TensorInputs
 from .validate import all_finite
 
@@ -65,9 +65,11 @@ class TensorMerger:
             module = tp.name[: -len(".weight")]
             grams = [ctx.contribs[i].get(ctx.mats[i].grams[module]) for i in active]
         t0 = time.perf_counter()
-        prepared = prepare_pass(ctx, tp, active, self.adj.factors)
-        if prepared is not None:
-            self.timings.prepass_s += time.perf_counter() - t0
+        prepared = self.plan.prepared.get(tp.name)
+        if prepared is None:
+            prepared = prepare_pass(ctx, tp, active, self.adj.factors)
+            if prepared is not None:
+                self.timings.prepass_s += time.perf_counter() - t0
         rows = rows_of(tp.shape)
         for s in range(0, rows, tp.step):
             self._merge_chunk(tp, s, min(rows, s + tp.step), grams, prepared)
@@ -85,9 +87,7 @@ class TensorMerger:
         check_inputs = ctx.opts.check_finite and tp.method.hides_nonfinite
         thetas = []
         for j, i in enumerate(active):
-            th = ctx.mats[i].theta_rows(tp.name, b, s, e, out=stacked[j])
-            if factors[i] != 1.0:
-                th.sub_(b).mul_(factors[i]).add_(b)
+            th = theta_into(ctx, i, tp.name, b, s, e, factors[i], stacked[j])
             # Methods that can hide a NaN input (sorting pushes it to an end) have their inputs
             # checked here; for the others a NaN/Inf input reaches the output, which is checked
             # after the math (one pass instead of N).
@@ -123,7 +123,9 @@ class TensorMerger:
                          stacked=stacked)  # fmt: skip
         out = tp.method(x, tp.cfg)
         if ctx.opts.check_finite and not all_finite(out):
-            for i, th in zip(self.plan.active, thetas, strict=True):  # name the culprit
+            # name the culprit; re-read its inputs, since a method may overwrite the buffer (TIES)
+            _, thetas, _ = self._read_thetas(tp, s, e)
+            for i, th in zip(self.plan.active, thetas, strict=True):
                 if not all_finite(th):
                     raise ContributionError(
                         ctx.contribs[i].label, "NaN/Inf in its materialised value", tensor=tp.name

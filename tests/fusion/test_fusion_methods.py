@@ -132,6 +132,61 @@ def test_regmean_recovers_pooled_least_squares():
     assert not torch.allclose(out9, pooled, atol=1e-3)
 
 
+def _regmean_closed_form(ws, grams, weights, alpha, ridge=0.0):
+    """sum_i w_i G~_i W*^T = sum_i w_i G~_i W_i^T solved in float64 (the reference)."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+    def tilde(g):
+        t = g.double() * alpha
+        t.diagonal().copy_(g.double().diagonal())
+        return t
+
+    a = sum(wi * tilde(g) for wi, g in zip(w, grams, strict=True))
+    b = sum(wi * tilde(g) @ t.double().T for wi, g, t in zip(w, grams, ws, strict=True))
+    if ridge:
+        lam = ridge * a.diagonal().mean()
+        a.diagonal().add_(lam)
+        b = b + lam * sum(wi * t.double() for wi, t in zip(w, ws, strict=True)).T
+    return torch.linalg.solve(a, b).T
+
+
+def _correlated_grams(d_in, n, rank, seed):
+    """Grams of rank-deficient, correlated inputs with a decaying spectrum (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        z = torch.randn(4 * d_in, rank, generator=g, dtype=torch.float64)
+        m = torch.randn(rank, d_in, generator=g, dtype=torch.float64) * torch.logspace(0, -3, rank)[:, None]
+        x = z @ m + 1e-3 * torch.randn(4 * d_in, d_in, generator=g, dtype=torch.float64)
+        out.append((x.T @ x / x.shape[0]).float())
+    return out
+
+
+def test_regmean_fp32_solve_agrees_with_the_fp64_closed_form(monkeypatch):
+    """Well-conditioned layers are solved in fp32 and agree with the fp64 closed form at the tolerance
+    of the pooled least-squares test; ill-conditioned ones fall back to fp64 (where fp32 would miss)."""
+    import coldswarm.fusion.methods as methods
+
+    g = torch.Generator().manual_seed(11)
+    grams = _correlated_grams(256, 4, rank=48, seed=4)
+    ws = [0.05 * torch.randn(96, 256, generator=g) for _ in range(4)]
+    weights = [1.0, 2.0, 1.0, 3.0]
+    for alpha in (0.9, 0.5):  # well conditioned once Jacobi-scaled: the fp32 path
+        x = inputs(torch.zeros(96, 256), ws, weights=weights, grams=grams)
+        out = METHODS["regmean"](x, RegMeanConfig(alpha=alpha))
+        assert methods._regmean_fp32(x, RegMeanConfig(alpha=alpha), out) is not None
+        want = _regmean_closed_form(ws, grams, weights, alpha).float()
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    # alpha=1 with a tiny ridge: condition ~1e5; fp32 alone would miss, the fallback matches tightly
+    cfg = RegMeanConfig(alpha=1.0, ridge=1e-5)
+    want = _regmean_closed_form(ws, grams, weights, 1.0, ridge=1e-5).float()
+    x = inputs(torch.zeros(96, 256), ws, weights=weights, grams=grams)
+    torch.testing.assert_close(METHODS["regmean"](x, cfg), want, atol=1e-6, rtol=1e-5)
+    assert methods._regmean_fp32(x, cfg, want) is None
+    monkeypatch.setattr(methods, "REGMEAN_FP32_MAX_COND", float("inf"))  # force fp32: it does miss
+    assert not torch.allclose(METHODS["regmean"](x, cfg), want, atol=1e-6, rtol=1e-5)
+
+
 def test_regmean_non_linear_or_missing_grams_average():
     thetas = [torch.ones(4), 3 * torch.ones(4)]
     out = METHODS["regmean"](inputs(torch.zeros(4), thetas, grams=[None, None]))
