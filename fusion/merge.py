@@ -173,9 +173,9 @@ def merge_checkpoints(
         with ModelDirWriter(
             Path(out_dir), output_layout(ctx), base.model_dir, metadata, overwrite=overwrite
         ) as w:
-            step = TensorMerger(ctx, plan, adj, w)
-            for tp in plan.tensors:
-                step.run(tp)
+            with TensorMerger(ctx, plan, adj, w) as step:
+                for tp in plan.tensors:
+                    step.run(tp)
             t0 = time.perf_counter()
         step.timings.write_s += time.perf_counter() - t0  # commit: fsync + rename
         return merge_report(ctx, plan, adj, step.timings, Path(out_dir), time.perf_counter() - t_start)

@@ -62,6 +62,9 @@ class TensorInputs:
     #: use it to reduce over contributions in one pass (a matrix-vector product for the average),
     #: and may overwrite it (``ties`` turns it into the deltas): the driver refills it for every chunk
     stacked: Tensor | None = None
+    #: optional (N, *base.shape) tensor whose rows are ``fishers`` (0 where a Fisher is None); may be
+    #: overwritten like ``stacked``
+    fisher_stacked: Tensor | None = None
 
     def deltas(self) -> list[Tensor]:
         return [t - self.base for t in self.thetas]
@@ -238,20 +241,23 @@ def fisher(x: TensorInputs, cfg: FisherConfig) -> Tensor:
     Normalisation (``cfg.normalize``) is global per contribution, so the driver applies it before
     calling (it needs a pass over all tensors).
     """
-    fishers = x.fishers or [None] * len(x.thetas)
-    num = torch.zeros_like(x.base)
-    den = torch.zeros_like(x.base)
-    floor = None
-    for theta, f, w in zip(x.thetas, fishers, x.weights.tolist(), strict=True):
-        if f is None:
-            floor = torch.full_like(x.base, cfg.eps) if floor is None else floor
-            fi = floor
-        else:
-            fi = f.clamp_min(cfg.eps)
-        den.add_(fi, alpha=w)
-        num.addcmul_(fi, theta, value=w)
-    # den >= eps * min(w) > 0 wherever some weight is positive.
-    return num.div_(den)
+    n = len(x.thetas)
+    if x.fisher_stacked is not None:
+        f = x.fisher_stacked.reshape(n, -1)
+    else:
+        fishers = x.fishers or [None] * n
+        f = torch.stack([torch.zeros_like(x.base) if fi is None else fi for fi in fishers]).reshape(n, -1)
+    thetas = (x.stacked if x.stacked is not None else torch.stack(x.thetas)).reshape(n, -1)
+    w = x.weights.to(torch.float32)
+    m = thetas.shape[1]
+    out = torch.empty(m, dtype=torch.float32)
+    block = max(1, min(m, TIES_BLOCK_ENTRIES // n))
+    for s in range(0, m, block):  # per cache-sized block: floor, two matrix-vector products, divide
+        e = min(m, s + block)
+        fb = f[:, s:e].clamp_min_(cfg.eps)
+        den = torch.mv(fb.T, w)  # >= eps * min(w) > 0 wherever some weight is positive
+        torch.mv(fb.mul_(thetas[:, s:e]).T, w, out=out[s:e]).div_(den)
+    return out.reshape(x.base.shape)
 
 
 def _regmean_tilde(g: Tensor, alpha: float) -> Tensor:
@@ -374,8 +380,15 @@ def _regmean_fp64(x: TensorInputs, cfg: RegMeanConfig, avg32: Tensor) -> Tensor:
 
 
 def task_arithmetic(x: TensorInputs, cfg: TaskArithmeticConfig) -> Tensor:
-    """Ilharco et al. 2023 (task arithmetic): theta* = base + scaling * sum_i (N w_i) delta_i."""
-    return x.base + cfg.scaling * _weighted_sum(x.deltas(), x.relative_weights())
+    """Ilharco et al. 2023 (task arithmetic): theta* = base + scaling * sum_i (N w_i) delta_i.
+
+    The deltas are formed in place in ``x.stacked`` when given, then summed by one matrix-vector product."""
+    n = len(x.thetas)
+    if x.stacked is None:
+        return x.base + cfg.scaling * _weighted_sum(x.deltas(), x.relative_weights())
+    deltas = x.stacked.reshape(n, -1).sub_(x.base.reshape(-1))
+    combined = torch.mv(deltas.T, x.relative_weights().to(deltas.dtype)).reshape(x.base.shape)
+    return combined.mul_(cfg.scaling).add_(x.base)
 
 
 def ties_prepare(delta: Tensor, cfg: TiesConfig) -> TrimThreshold | None:
@@ -652,24 +665,23 @@ METHODS: dict[str, MergeMethod] = {
                     "ColD Fusion: (weighted) average of the contributions' weights"),
         MergeMethod("fisher", fisher, FisherConfig, "https://arxiv.org/abs/2111.09832",
                     "Fisher-weighted averaging (Matena & Raffel 2021), elementwise, diagonal Fisher",
-                    needs_fisher=True, work_copies=2),
+                    needs_fisher=True, work_copies=2),  # thetas and Fishers
         MergeMethod("regmean", regmean, RegMeanConfig, "https://arxiv.org/abs/2212.09849",
                     "RegMean (Jin et al. 2022): per linear layer, least squares on the pooled inputs' Gram",
                     needs_gram=True, chunkable=False, fallback="average"),
         MergeMethod("task_arithmetic", task_arithmetic, TaskArithmeticConfig, "https://arxiv.org/abs/2212.04089",
-                    "Task arithmetic (Ilharco et al. 2023): base + scaling * sum of task vectors", work_copies=2),
+                    "Task arithmetic (Ilharco et al. 2023): base + scaling * sum of task vectors"),
         MergeMethod("ties", ties, TiesConfig, "https://arxiv.org/abs/2306.01708",
                     "TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint mean", prepare=ties_prepare,
                     global_prepare=ties_global_selector),
         MergeMethod("dare", dare, DareConfig, "https://arxiv.org/abs/2311.03099",
-                    "DARE (Yu et al. 2024): random drop + rescale of task vectors, then linear or TIES",
-                    work_copies=4),
+                    "DARE (Yu et al. 2024): random drop + rescale of task vectors, then linear or TIES"),
         MergeMethod("median", median, MedianConfig, "https://arxiv.org/abs/1803.01498",
                     "coordinate-wise median: robust to a minority of arbitrary contributions", uses_weights=False,
-                    work_copies=3, hides_nonfinite=True),
+                    hides_nonfinite=True),
         MergeMethod("trimmed_mean", trimmed_mean, TrimmedMeanConfig, "https://arxiv.org/abs/1803.01498",
                     "coordinate-wise trimmed mean: drops the extremes per coordinate", uses_weights=False,
-                    work_copies=3, hides_nonfinite=True),
+                    hides_nonfinite=True),
     ]
 }  # fmt: skip
 

@@ -7,7 +7,7 @@ chunks the driver reads. A :class:`TrimThreshold` says which entries of one tens
 ``|d| > value``, or ``|d| == value`` at a flat index below ``cutoff``.
 
 * :func:`tensor_threshold` -- over one tensor held in memory: numpy's introselect (``partition``,
-  linear time), then one counting pass; the positions of ties are looked up only when some of them
+  linear time) on the magnitudes' int32 bit patterns, then one counting pass; the positions of ties are looked up only when some of them
   must be dropped.
 * :class:`GlobalTopK` -- over the whole task vector of one contribution (every merged tensor), which
   is never held at once: pass 1 histograms the top 16 bits of each |d| (IEEE-754 floats >= 0 order
@@ -19,7 +19,7 @@ chunks the driver reads. A :class:`TrimThreshold` says which entries of one tens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,12 @@ class TrimThreshold:
 
     value: float
     cutoff: int
+    #: ``hardshrink``'s lambda for ``|d| >= value`` (it keeps ``|d| > lambda``)
+    below: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        below = self.value if self.value in (0.0, float("inf")) else _below(self.value)
+        object.__setattr__(self, "below", below)
 
 
 def keep_count(density: float, n: int) -> int:
@@ -43,6 +49,14 @@ def keep_count(density: float, n: int) -> int:
 def _below(t: float) -> float:
     """The largest float32 below ``t`` (> 0): ``|x| > _below(t)`` is ``|x| >= t`` for float32 x."""
     return float(np.nextafter(np.float32(t), np.float32(0)))
+
+
+def _magnitude_bits(flat: Tensor, out: Tensor) -> np.ndarray:
+    """|flat| as int32 bit patterns in ``out`` (fp32 storage): sign cleared, so they order like the
+    magnitudes (NaN above Inf); numpy selects on int32 2-3x faster than on float32."""
+    bits = out.view(torch.int32)
+    torch.bitwise_and(flat.contiguous().view(torch.int32), 0x7FFFFFFF, out=bits)
+    return bits.numpy()
 
 
 def tensor_threshold(delta: Tensor, k: int, scratch: Tensor | None = None) -> TrimThreshold | None:
@@ -57,22 +71,22 @@ def tensor_threshold(delta: Tensor, k: int, scratch: Tensor | None = None) -> Tr
     if k <= 0:
         return TrimThreshold(float("inf"), 0)
     flat = delta.reshape(-1)
-    mag_t = scratch[:n] if scratch is not None else torch.empty(n, dtype=torch.float32)
-    torch.abs(flat, out=mag_t)
-    mag = mag_t.numpy()
+    buf = scratch[:n] if scratch is not None else torch.empty(n, dtype=torch.float32)
+    mag = _magnitude_bits(flat, buf)
     mag.partition(n - k)  # introselect: mag[n-k] is the k-th largest, larger ones after it
     t = mag[n - k]
-    if not np.isfinite(t):  # NaN/Inf inputs: keep them; the driver's finiteness check names the culprit
+    value = float(np.int32(t).view(np.float32))
+    if not np.isfinite(value):  # NaN/Inf inputs: keep them; the driver's finiteness check names the culprit
         return None
     upper = mag[n - k + 1 :]
     ties_up = int(np.count_nonzero(upper == t))
     greater = upper.size - ties_up
     ties = ties_up + 1 + int(np.count_nonzero(mag[: n - k] == t))
     keep = k - greater  # ties to keep, 1 <= keep <= ties
-    if t == 0 or keep == ties:  # zeros add nothing to a merge; or every tie fits
-        return TrimThreshold(float(t), n)
-    positions = np.flatnonzero(torch.abs(flat, out=mag_t).numpy() == t)
-    return TrimThreshold(float(t), int(positions[keep - 1]) + 1)
+    if value == 0 or keep == ties:  # zeros add nothing to a merge; or every tie fits
+        return TrimThreshold(value, n)
+    positions = np.flatnonzero(_magnitude_bits(flat, buf) == t)
+    return TrimThreshold(value, int(positions[keep - 1]) + 1)
 
 
 def trim_into(delta: Tensor, thr: TrimThreshold | None, start: int, out: Tensor) -> Tensor:
@@ -83,10 +97,7 @@ def trim_into(delta: Tensor, thr: TrimThreshold | None, start: int, out: Tensor)
     n = delta.numel()
     cut = min(max(thr.cutoff - start, 0), n)
     hardshrink = torch.ops.aten.hardshrink.out  # x if |x| > lambda else 0
-    if thr.value == float("inf") or thr.value == 0:
-        lam_ge = thr.value
-    else:
-        lam_ge = _below(thr.value)
+    lam_ge = thr.below
     if cut == n:
         return hardshrink(delta, lam_ge, out=out)
     if cut == 0:
@@ -129,10 +140,10 @@ class GlobalTopK:
         return not self.done
 
     def feed(self, index: int, start: int, delta: Tensor) -> None:
-        bits = delta.reshape(-1).abs().view(torch.int32)
+        bits = torch.bitwise_and(delta.reshape(-1).contiguous().view(torch.int32), 0x7FFFFFFF)  # |d|
         if self.pass_no == 1:
             self.fed += bits.numel()
-            self._coarse += torch.bincount(bits >> 16, minlength=_COARSE)
+            self._coarse += torch.bincount(bits.bitwise_right_shift_(16), minlength=_COARSE)
         elif self.pass_no == 2:
             inside = bits[(bits >> 16) == self._bucket] & 0xFFFF
             self._fine += torch.bincount(inside, minlength=_FINE)
