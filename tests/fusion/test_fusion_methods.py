@@ -323,3 +323,18 @@ def test_screen_norms_flag_clip_drop():
     assert not any(d.outlier for d in few.values())
     with pytest.raises(MergeConfigError):
         ScreenConfig(action="ban")
+
+
+def test_dare_draws_do_not_depend_on_chunking_even_across_the_32_bit_index_boundary():
+    from coldswarm.fusion.methods import dare_bits
+
+    for start in (0, 2**31 - 5, 2**32 - 5, 3 * 2**32 + 7):  # int32 fast path, wrapped low half, both halves
+        whole = dare_bits(1, "c0", "w", start, 10)
+        assert torch.equal(whole, torch.cat([dare_bits(1, "c0", "w", start + i, 1) for i in range(10)]))
+        assert int(whole.min()) >= 0 and int(whole.max()) < 2**24
+    draws = dare_bits(0, "c0", "w", 0, 1 << 18).float() / 2**24
+    assert abs(float(draws.mean()) - 0.5) < 0.01 and abs(float((draws < 0.3).float().mean()) - 0.3) < 0.01
+    assert not torch.equal(dare_bits(0, "c0", "w", 0, 64), dare_bits(0, "c1", "w", 0, 64))  # keyed
+    assert not torch.equal(
+        dare_bits(0, "c0", "w", 0, 64), dare_bits(0, "c0", "w", 2**32, 64)
+    )  # high half too
