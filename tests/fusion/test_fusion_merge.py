@@ -304,3 +304,39 @@ def test_ties_keeps_exactly_k_entries_of_a_tied_delta(tmp_path):
         nonzero = int((deltas[0]["emb.weight"] != 0).sum())
         changed = int((out["emb.weight"] != base["emb.weight"]).sum())
         assert changed == min(keep_count(0.2, n), nonzero)
+
+
+def test_regmean_over_several_layers_through_the_driver_equals_the_closed_form(tmp_path):
+    """Each layer's Grams are read ahead on the reader thread while the previous layer is solved; every
+    layer still gets its own Grams: the result is the fp64 closed form layer by layer (a layer without
+    Grams in between is averaged and does not shift the prefetch)."""
+    from test_fusion_methods import _correlated_grams, _regmean_closed_form
+
+    shapes = {"a.weight": (12, 16), "b.weight": (10, 12), "mid.weight": (10, 10), "c.weight": (6, 10)}
+    g = torch.Generator().manual_seed(3)
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    write_model_dir(tmp_path / "base", base)
+    (tmp_path / "base" / "config.json").write_text("{}")
+    layers = [n for n in shapes if n != "mid.weight"]
+    grams = {
+        n: _correlated_grams(shapes[n][1], 3, rank=shapes[n][1] // 2, seed=i) for i, n in enumerate(layers)
+    }
+    paths, thetas = [], []
+    for i in range(3):
+        theta = {n: b + 0.1 * torch.randn(b.shape, generator=g) for n, b in base.items()}
+        tensors = {f"weight/{n}": t for n, t in theta.items()}
+        tensors.update({f"gram/{n.removesuffix('.weight')}": grams[n][i] for n in layers})
+        meta = ContributionMeta(form="full", num_examples=10 * (i + 1))
+        paths.append(save_contribution(tmp_path / f"c{i}.safetensors", tensors, meta))
+        thetas.append(theta)
+    r = merge_checkpoints(
+        tmp_path / "base", paths, "regmean", {"alpha": 0.9, "weighting": "examples"}, tmp_path / "out"
+    )
+    assert r["regmean_fallback_to_average"] == ["mid.weight"]
+    out = read_all(tmp_path / "out")
+    for n in layers:
+        want = _regmean_closed_form([t[n] for t in thetas], grams[n], [10, 20, 30], 0.9).float()
+        torch.testing.assert_close(out[n], want, atol=1e-4, rtol=1e-4, msg=n)
+    torch.testing.assert_close(
+        out["mid.weight"], sum(w * t["mid.weight"] for w, t in zip([1, 2, 3], thetas, strict=True)) / 6
+    )

@@ -338,3 +338,88 @@ def test_dare_draws_do_not_depend_on_chunking_even_across_the_32_bit_index_bound
     assert not torch.equal(
         dare_bits(0, "c0", "w", 0, 64), dare_bits(0, "c0", "w", 2**32, 64)
     )  # high half too
+
+
+def _lowbias32_reference(seed: int, key: str, name: str, index: int) -> int:
+    """dare_bits' definition in plain unsigned 32-bit arithmetic, one element at a time."""
+    import hashlib
+
+    mask = 0xFFFFFFFF
+    digest = hashlib.sha256(f"{seed}\0{key}\0{name}\0{index >> 32}".encode()).digest()
+    z = ((index & mask) * 0x9E3779B9 & mask) ^ int.from_bytes(digest[:4], "little")
+    z = (z ^ (z >> 16)) * 0x7FEB352D & mask
+    z = (z ^ (z >> 15)) * 0x846CA68B & mask
+    return (z ^ (z >> 16)) >> 8
+
+
+def test_dare_bits_equal_the_unsigned_reference_of_the_hash():
+    from coldswarm.fusion.methods import dare_bits
+
+    for start in (0, 1000, 2**31 - 3, 2**32 - 3, 5 * 2**32 - 2):  # fast path, wrapped low half, both halves
+        want = [_lowbias32_reference(3, "key", "enc.w", start + i) for i in range(6)]
+        assert dare_bits(3, "key", "enc.w", start, 6).tolist() == want
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties"])
+def test_dare_equals_drop_and_rescale_per_contribution(monkeypatch, combination):
+    """The blocked, in-place DARE equals the textbook one: each contribution's delta dropped by its own
+    draws (dare_uniform < density) and rescaled by 1/density, then combined (float64 reference)."""
+    import coldswarm.fusion.methods as methods
+    from coldswarm.fusion.methods import dare_drop, dare_uniform
+
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(23, 19, generator=g)
+    thetas = [base + torch.randn(23, 19, generator=g) for _ in range(4)]
+    weights = [1.0, 2.0, 0.5, 0.5]  # relative weights 1, 2, .5, .5 (exact in fp32)
+    rel = torch.tensor(weights, dtype=torch.float64) * 4 / sum(weights)
+    cfg = DareConfig(density=0.3, seed=5, combination=combination, scaling=0.7)
+    dropped = []
+    for i, t in enumerate(thetas):
+        d = t - base
+        u = dare_uniform(cfg.seed, f"c{i}", "layer.weight", 40, d.numel())  # offset 40: a later chunk
+        dropped.append(dare_drop(d, cfg.density, u).double())
+    if combination == "linear":
+        merged = sum(w * d for w, d in zip(rel, dropped, strict=True))
+    else:
+        elected = torch.sign(sum(w * d for w, d in zip(rel, dropped, strict=True)))
+        agree = [(torch.sign(d) == elected) & (d != 0) for d in dropped]
+        num = sum(w * torch.where(a, d, 0) for w, d, a in zip(rel, dropped, agree, strict=True))
+        den = sum(w * a for w, a in zip(rel, agree, strict=True))
+        merged = torch.where(den > 0, num / den.clamp_min(1e-30), 0)
+    want = (base.double() + cfg.scaling * merged).float()
+    for block in (None, 4 * 37):  # one block, then blocks of 37 entries
+        if block:
+            monkeypatch.setattr(methods, "TIES_BLOCK_ENTRIES", block)
+        out = METHODS["dare"](inputs(base, thetas, weights=weights, offset=40), cfg)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fisher_equals_the_closed_form_in_blocks(monkeypatch):
+    """sum_i w_i F_i theta_i / sum_i w_i F_i with F_i floored at eps (a missing Fisher counts as 0),
+    in float64, whether the Fishers come as a list or in the driver's stacked buffer, in any block size."""
+    import coldswarm.fusion.methods as methods
+
+    g = torch.Generator().manual_seed(8)
+    thetas = [torch.randn(13, 11, generator=g) for _ in range(4)]
+    fishers = [torch.rand(13, 11, generator=g) ** 3 for _ in range(4)]
+    fishers[1][fishers[1] < 0.2] = 0.0  # exact zeros: the floor decides there
+    fishers[2] = None
+    weights = [1.0, 2.0, 0.5, 3.0]
+    eps = 1e-3
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    floored = [
+        torch.full((13, 11), eps, dtype=torch.float64) if f is None else f.double().clamp_min(eps)
+        for f in fishers
+    ]
+    num = sum(wi * f * t.double() for wi, f, t in zip(w, floored, thetas, strict=True))
+    den = sum(wi * f for wi, f in zip(w, floored, strict=True))
+    want = (num / den).float()
+    cfg = FisherConfig(eps=eps)
+    for block in (None, 4 * 10):
+        if block:
+            monkeypatch.setattr(methods, "TIES_BLOCK_ENTRIES", block)
+        out = METHODS["fisher"](inputs(torch.zeros(13, 11), thetas, weights=weights, fishers=fishers), cfg)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        stacked = torch.stack([torch.zeros(13, 11) if f is None else f.clone() for f in fishers])
+        x = inputs(torch.zeros(13, 11), thetas, weights=weights, fishers=fishers, fisher_stacked=stacked)
+        torch.testing.assert_close(METHODS["fisher"](x, cfg), want, rtol=1e-5, atol=1e-6)
