@@ -42,7 +42,7 @@ from .checkpoint import CheckpointReader, ModelDirWriter, dtype_from_name
 from .contribution import Contribution, open_contribution
 from .errors import MergeConfigError
 from .merge_plan import Adjustments, MergeContext, MergePlan, open_context, output_layout, plan_merge
-from .merge_prepass import contribution_prepasses
+from .merge_prepass import contribution_prepasses, global_pass
 from .merge_step import TensorMerger, Timings
 from .methods import get_method
 from .screening import ScreenConfig
@@ -166,13 +166,16 @@ def merge_checkpoints(
         ctx = open_context(MergeContext(base, opened, key_list, entry, cfg, opts), base_version)
         adj = contribution_prepasses(ctx)
         plan = plan_merge(ctx, adj)
+        t0 = time.perf_counter()
+        plan.prepared = global_pass(ctx, plan, adj.factors)
+        adj.prepass_s += time.perf_counter() - t0
         metadata = {"format": "pt", **base.metadata}
         with ModelDirWriter(
             Path(out_dir), output_layout(ctx), base.model_dir, metadata, overwrite=overwrite
         ) as w:
-            step = TensorMerger(ctx, plan, adj, w)
-            for tp in plan.tensors:
-                step.run(tp)
+            with TensorMerger(ctx, plan, adj, w) as step:
+                for tp in plan.tensors:
+                    step.run(tp)
             t0 = time.perf_counter()
         step.timings.write_s += time.perf_counter() - t0  # commit: fsync + rename
         return merge_report(ctx, plan, adj, step.timings, Path(out_dir), time.perf_counter() - t_start)

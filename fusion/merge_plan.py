@@ -139,6 +139,9 @@ class MergePlan:
     tensors: list[TensorPlan]
     #: linear weights the method (RegMean) could not cover because some contribution lacks a Gram
     fallbacks: list[str] = field(default_factory=list)
+    #: {tensor name: per-active-contribution values} from a pre-pass over the whole task vector
+    #: (TIES trim="global"); tensors not in it get their method's per-tensor ``prepare``, if any
+    prepared: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def plan_tensor(ctx: MergeContext, name: str, active: list[int]) -> tuple[TensorPlan, bool]:

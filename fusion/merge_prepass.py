@@ -5,7 +5,9 @@
 * :func:`fisher_norm_pass` -- each contribution's global Fisher norm, for ``fisher`` with
   ``normalize=True``;
 * :func:`prepare_pass` -- a method's per-contribution value over one whole tensor before that
-  tensor is merged in chunks (TIES' magnitude threshold).
+  tensor is merged in chunks (TIES' magnitude threshold);
+* :func:`global_pass` -- a method's selection over each contribution's whole task vector (TIES
+  with ``trim="global"``), streamed in as many passes as its selector asks for.
 
 Each reads tensor by tensor, in chunks of ``chunk_mb``, so memory stays bounded.
 """
@@ -18,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .merge_plan import F32, Adjustments, MergeContext, TensorPlan, row_numel, rows_of
+from .merge_plan import F32, Adjustments, MergeContext, MergePlan, TensorPlan, row_numel, rows_of
 from .screening import screen_norms
 
 
@@ -72,27 +74,76 @@ def contribution_prepasses(ctx: MergeContext) -> Adjustments:
     return adj
 
 
+def theta_into(ctx: MergeContext, i: int, name: str, b: torch.Tensor, s: int, e: int, factor: float,
+               out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Contribution i's rows s:e of ``name`` into ``out``, its delta scaled by ``factor`` (screening's clip).
+
+    The merge step and every pre-pass materialise through here, in the same row chunks, so that a
+    pre-pass sees bit for bit the deltas the method will see (TIES keeps exactly k of them).
+    """
+    th = ctx.mats[i].theta_rows(name, b, s, e, out=out)
+    if factor != 1.0:
+        th.sub_(b).mul_(factor).add_(b)
+    return th
+
+
+def _chunks(tp: TensorPlan):
+    rows = rows_of(tp.shape)
+    for s in range(0, rows, tp.step):
+        yield s, min(rows, s + tp.step)
+
+
 def prepare_pass(
     ctx: MergeContext, tp: TensorPlan, active: list[int], factors: list[float]
 ) -> list[Any] | None:
     """The method's ``prepare`` value per active contribution over the whole of ``tp``'s tensor, or
     None when the tensor is merged in one piece (the method then computes it itself).
 
-    One contribution's delta at a time: memory is one tensor plus its delta, not N tensors.
+    One contribution's delta at a time, materialised in the merge's own row chunks: memory is the
+    base tensor, one delta and the method's scratch, not N tensors.
     """
     fn = tp.method
-    rows = rows_of(tp.shape)
-    if fn is None or fn.prepare is None or tp.step >= rows:
+    if fn is None or fn.prepare is None or tp.step >= rows_of(tp.shape):
         return None
-    full_base = ctx.base.get(tp.name, F32)
+    full_base = ctx.base.get(tp.name, F32).reshape(rows_of(tp.shape), *tp.shape[1:])
+    delta = torch.empty_like(full_base)
     prepared = []
     for i in active:
-        d = ctx.mats[i].delta_rows(tp.name, full_base.reshape(rows, *tp.shape[1:]), 0, rows)
-        d = d if d is not None else torch.zeros_like(full_base)
-        value = fn.prepare(d, tp.cfg)
-        # a clipped contribution's delta is d * factor; a magnitude threshold scales with it
-        if factors[i] != 1.0 and isinstance(value, float):
-            value *= factors[i]
-        prepared.append(value)
-        del d
+        for s, e in _chunks(tp):
+            theta_into(ctx, i, tp.name, full_base[s:e], s, e, factors[i], delta[s:e]).sub_(full_base[s:e])
+        prepared.append(fn.prepare(delta, tp.cfg))
     return prepared
+
+
+def global_pass(ctx: MergeContext, plan: MergePlan, factors: list[float]) -> dict[str, list[Any]]:
+    """A method's selection over each contribution's whole task vector (TIES ``trim="global"``).
+
+    Returns {tensor name: per-active-contribution values} for every merged tensor, or {} when the
+    method's config needs no such pass. Each pass streams every merged tensor in plan order, in the
+    merge's row chunks, reading only the contributions whose selector still wants a pass.
+    """
+    entry = ctx.entry
+    merged = [tp for tp in plan.tensors if not tp.copied and tp.method is entry]
+    total = sum(math.prod(tp.shape) for tp in merged)
+    if entry.global_prepare is None or entry.global_prepare(ctx.cfg, total) is None:
+        return {}
+    selectors = {i: entry.global_prepare(ctx.cfg, total) for i in plan.active}
+    buf = torch.empty(0, dtype=F32)
+    while any(sel.wants_pass for sel in selectors.values()):
+        feeding = [i for i, sel in selectors.items() if sel.wants_pass]
+        for j, tp in enumerate(merged):
+            who = [i for i in feeding if i in tp.who and selectors[i].wants_pass]
+            for s, e in _chunks(tp) if who else ():
+                b = ctx.base.get_rows(tp.name, s, e, F32)
+                if buf.numel() < b.numel():
+                    buf = torch.empty(b.numel(), dtype=F32)
+                for i in who:
+                    if selectors[i].wants_pass:
+                        d = theta_into(ctx, i, tp.name, b, s, e, factors[i], buf[: b.numel()].view(b.shape))
+                        selectors[i].feed(j, s * row_numel(tp.shape), d.sub_(b))
+        for i in feeding:
+            selectors[i].end_pass()
+    return {
+        tp.name: [selectors[i].threshold(j, math.prod(tp.shape)) for i in plan.active]
+        for j, tp in enumerate(merged)
+    }

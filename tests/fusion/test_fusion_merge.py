@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +16,7 @@ from coldswarm.fusion.contribution import ContributionMeta, LoraMeta, save_contr
 from coldswarm.fusion.errors import ContributionError, MergeConfigError
 from coldswarm.fusion.merge import MergeOptions, merge_checkpoints
 from coldswarm.fusion.methods import METHODS
+from coldswarm.fusion.topk import keep_count
 
 SHAPES = {"emb.weight": (40, 8), "lin.weight": (6, 8), "lin.bias": (6,), "norm.weight": (8,), "scale": ()}
 
@@ -222,3 +224,119 @@ def test_streaming_memory_is_bounded_by_chunks_not_contributions(tmp_path):
         f"merge grew the process by {grew // 1024} MiB; one model is {model_kb // 1024} MiB"
     )
     torch.testing.assert_close(read_all(tmp_path / "out")["layer0.weight"], torch.full((1024, 1024), 3.5))
+
+
+def _quantised_full_contributions(tmp_path, base, n):
+    """Full-weight contributions whose deltas take few distinct values (many ties at any threshold)."""
+    g = torch.Generator().manual_seed(9)
+    paths, deltas = [], []
+    for i in range(n):
+        tensors, delta = {}, {}
+        for name, b in base.items():
+            if b.is_floating_point():
+                t = b + torch.round(torch.randn(b.shape, generator=g) * 3) / 8
+                tensors[f"weight/{name}"] = t
+                delta[name] = t - b  # fp32, as the driver computes it
+        paths.append(
+            save_contribution(tmp_path / f"q{i}.safetensors", tensors, ContributionMeta(form="full"))
+        )
+        deltas.append(delta)
+    return paths, deltas
+
+
+def _reference_ties(base, deltas, density, trim):
+    """Brute-force TIES over {name: tensor} deltas (float64): stable top-k per tensor or over the
+    concatenation of every float tensor in base order, then sign election and disjoint mean."""
+    from test_fusion_topk import reference_keep
+
+    names = [n for n, b in base.items() if b.is_floating_point()]
+    flat = [np.concatenate([d[n].double().numpy().ravel() for n in names]) for d in deltas]
+    sizes = [base[n].numel() for n in names]
+    if trim == "global":
+        kept = [np.where(reference_keep(f, keep_count(density, f.size)), f, 0) for f in flat]
+    else:
+        kept = []
+        for f in flat:
+            parts = np.split(f, np.cumsum(sizes)[:-1])
+            kept.append(
+                np.concatenate(
+                    [np.where(reference_keep(p, keep_count(density, p.size)), p, 0) for p in parts]
+                )
+            )
+    total = sum(kept)
+    agree = [(np.sign(k) == np.sign(total)) & (k != 0) for k in kept]
+    num = sum(np.where(a, k, 0) for a, k in zip(agree, kept, strict=True))
+    den = sum(a.astype(np.float64) for a in agree)
+    merged = np.split(np.where(den > 0, num / np.maximum(den, 1), 0), np.cumsum(sizes)[:-1])
+    return {
+        n: base[n].double() + torch.from_numpy(m).reshape(base[n].shape)
+        for n, m in zip(names, merged, strict=True)
+    }
+
+
+@pytest.mark.parametrize("trim", ["tensor", "global"])
+@pytest.mark.parametrize("chunk_mb", [64, 1e-4])
+def test_ties_through_the_driver_equals_brute_force(tmp_path, trim, chunk_mb):
+    """Exactly k entries kept per tensor (trim='tensor') or per task vector (trim='global'), ties at
+    the threshold broken by index: the result is the reference's whether or not tensors are chunked."""
+    base = make_base(tmp_path / "base")
+    paths, deltas = _quantised_full_contributions(tmp_path, base, 3)
+    opts = {"density": 0.3, "trim": trim, "chunk_mb": chunk_mb}
+    r = merge_checkpoints(tmp_path / "base", paths, "ties", opts, tmp_path / "out")
+    out = read_all(tmp_path / "out")
+    for name, want in _reference_ties(base, deltas, 0.3, trim).items():
+        torch.testing.assert_close(out[name].double(), want, rtol=1e-6, atol=1e-6, msg=name)
+    assert r["method_options"]["trim"] == trim
+    if trim == "global":
+        assert r["timings"]["prepass_s"] > 0
+
+
+def test_ties_keeps_exactly_k_entries_of_a_tied_delta(tmp_path):
+    """One contribution: the merge is base + its trimmed delta, so the number of changed entries is
+    the number kept -- round(density * n) per tensor, although most magnitudes tie."""
+    base = make_base(tmp_path / "base")
+    paths, deltas = _quantised_full_contributions(tmp_path, base, 1)
+    for chunk_mb in (64, 1e-4):
+        out_dir = tmp_path / f"out-{chunk_mb}"
+        merge_checkpoints(tmp_path / "base", paths, "ties", {"density": 0.2, "chunk_mb": chunk_mb}, out_dir)
+        out = read_all(out_dir)
+        n = base["emb.weight"].numel()
+        nonzero = int((deltas[0]["emb.weight"] != 0).sum())
+        changed = int((out["emb.weight"] != base["emb.weight"]).sum())
+        assert changed == min(keep_count(0.2, n), nonzero)
+
+
+def test_regmean_over_several_layers_through_the_driver_equals_the_closed_form(tmp_path):
+    """Each layer's Grams are read ahead on the reader thread while the previous layer is solved; every
+    layer still gets its own Grams: the result is the fp64 closed form layer by layer (a layer without
+    Grams in between is averaged and does not shift the prefetch)."""
+    from test_fusion_methods import _correlated_grams, _regmean_closed_form
+
+    shapes = {"a.weight": (12, 16), "b.weight": (10, 12), "mid.weight": (10, 10), "c.weight": (6, 10)}
+    g = torch.Generator().manual_seed(3)
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    write_model_dir(tmp_path / "base", base)
+    (tmp_path / "base" / "config.json").write_text("{}")
+    layers = [n for n in shapes if n != "mid.weight"]
+    grams = {
+        n: _correlated_grams(shapes[n][1], 3, rank=shapes[n][1] // 2, seed=i) for i, n in enumerate(layers)
+    }
+    paths, thetas = [], []
+    for i in range(3):
+        theta = {n: b + 0.1 * torch.randn(b.shape, generator=g) for n, b in base.items()}
+        tensors = {f"weight/{n}": t for n, t in theta.items()}
+        tensors.update({f"gram/{n.removesuffix('.weight')}": grams[n][i] for n in layers})
+        meta = ContributionMeta(form="full", num_examples=10 * (i + 1))
+        paths.append(save_contribution(tmp_path / f"c{i}.safetensors", tensors, meta))
+        thetas.append(theta)
+    r = merge_checkpoints(
+        tmp_path / "base", paths, "regmean", {"alpha": 0.9, "weighting": "examples"}, tmp_path / "out"
+    )
+    assert r["regmean_fallback_to_average"] == ["mid.weight"]
+    out = read_all(tmp_path / "out")
+    for n in layers:
+        want = _regmean_closed_form([t[n] for t in thetas], grams[n], [10, 20, 30], 0.9).float()
+        torch.testing.assert_close(out[n], want, atol=1e-4, rtol=1e-4, msg=n)
+    torch.testing.assert_close(
+        out["mid.weight"], sum(w * t["mid.weight"] for w, t in zip([1, 2, 3], thetas, strict=True)) / 6
+    )

@@ -132,6 +132,61 @@ def test_regmean_recovers_pooled_least_squares():
     assert not torch.allclose(out9, pooled, atol=1e-3)
 
 
+def _regmean_closed_form(ws, grams, weights, alpha, ridge=0.0):
+    """sum_i w_i G~_i W*^T = sum_i w_i G~_i W_i^T solved in float64 (the reference)."""
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+
+    def tilde(g):
+        t = g.double() * alpha
+        t.diagonal().copy_(g.double().diagonal())
+        return t
+
+    a = sum(wi * tilde(g) for wi, g in zip(w, grams, strict=True))
+    b = sum(wi * tilde(g) @ t.double().T for wi, g, t in zip(w, grams, ws, strict=True))
+    if ridge:
+        lam = ridge * a.diagonal().mean()
+        a.diagonal().add_(lam)
+        b = b + lam * sum(wi * t.double() for wi, t in zip(w, ws, strict=True)).T
+    return torch.linalg.solve(a, b).T
+
+
+def _correlated_grams(d_in, n, rank, seed):
+    """Grams of rank-deficient, correlated inputs with a decaying spectrum (like real activations)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        z = torch.randn(4 * d_in, rank, generator=g, dtype=torch.float64)
+        m = torch.randn(rank, d_in, generator=g, dtype=torch.float64) * torch.logspace(0, -3, rank)[:, None]
+        x = z @ m + 1e-3 * torch.randn(4 * d_in, d_in, generator=g, dtype=torch.float64)
+        out.append((x.T @ x / x.shape[0]).float())
+    return out
+
+
+def test_regmean_fp32_solve_agrees_with_the_fp64_closed_form(monkeypatch):
+    """Well-conditioned layers are solved in fp32 and agree with the fp64 closed form at the tolerance
+    of the pooled least-squares test; ill-conditioned ones fall back to fp64 (where fp32 would miss)."""
+    import coldswarm.fusion.methods as methods
+
+    g = torch.Generator().manual_seed(11)
+    grams = _correlated_grams(256, 4, rank=48, seed=4)
+    ws = [0.05 * torch.randn(96, 256, generator=g) for _ in range(4)]
+    weights = [1.0, 2.0, 1.0, 3.0]
+    for alpha in (0.9, 0.5):  # well conditioned once Jacobi-scaled: the fp32 path
+        x = inputs(torch.zeros(96, 256), ws, weights=weights, grams=grams)
+        out = METHODS["regmean"](x, RegMeanConfig(alpha=alpha))
+        assert methods._regmean_fp32(x, RegMeanConfig(alpha=alpha), out) is not None
+        want = _regmean_closed_form(ws, grams, weights, alpha).float()
+        torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+    # alpha=1 with a tiny ridge: condition ~1e5; fp32 alone would miss, the fallback matches tightly
+    cfg = RegMeanConfig(alpha=1.0, ridge=1e-5)
+    want = _regmean_closed_form(ws, grams, weights, 1.0, ridge=1e-5).float()
+    x = inputs(torch.zeros(96, 256), ws, weights=weights, grams=grams)
+    torch.testing.assert_close(METHODS["regmean"](x, cfg), want, atol=1e-6, rtol=1e-5)
+    assert methods._regmean_fp32(x, cfg, want) is None
+    monkeypatch.setattr(methods, "REGMEAN_FP32_MAX_COND", float("inf"))  # force fp32: it does miss
+    assert not torch.allclose(METHODS["regmean"](x, cfg), want, atol=1e-6, rtol=1e-5)
+
+
 def test_regmean_non_linear_or_missing_grams_average():
     thetas = [torch.ones(4), 3 * torch.ones(4)]
     out = METHODS["regmean"](inputs(torch.zeros(4), thetas, grams=[None, None]))
@@ -268,3 +323,103 @@ def test_screen_norms_flag_clip_drop():
     assert not any(d.outlier for d in few.values())
     with pytest.raises(MergeConfigError):
         ScreenConfig(action="ban")
+
+
+def test_dare_draws_do_not_depend_on_chunking_even_across_the_32_bit_index_boundary():
+    from coldswarm.fusion.methods import dare_bits
+
+    for start in (0, 2**31 - 5, 2**32 - 5, 3 * 2**32 + 7):  # int32 fast path, wrapped low half, both halves
+        whole = dare_bits(1, "c0", "w", start, 10)
+        assert torch.equal(whole, torch.cat([dare_bits(1, "c0", "w", start + i, 1) for i in range(10)]))
+        assert int(whole.min()) >= 0 and int(whole.max()) < 2**24
+    draws = dare_bits(0, "c0", "w", 0, 1 << 18).float() / 2**24
+    assert abs(float(draws.mean()) - 0.5) < 0.01 and abs(float((draws < 0.3).float().mean()) - 0.3) < 0.01
+    assert not torch.equal(dare_bits(0, "c0", "w", 0, 64), dare_bits(0, "c1", "w", 0, 64))  # keyed
+    assert not torch.equal(
+        dare_bits(0, "c0", "w", 0, 64), dare_bits(0, "c0", "w", 2**32, 64)
+    )  # high half too
+
+
+def _lowbias32_reference(seed: int, key: str, name: str, index: int) -> int:
+    """dare_bits' definition in plain unsigned 32-bit arithmetic, one element at a time."""
+    import hashlib
+
+    mask = 0xFFFFFFFF
+    digest = hashlib.sha256(f"{seed}\0{key}\0{name}\0{index >> 32}".encode()).digest()
+    z = ((index & mask) * 0x9E3779B9 & mask) ^ int.from_bytes(digest[:4], "little")
+    z = (z ^ (z >> 16)) * 0x7FEB352D & mask
+    z = (z ^ (z >> 15)) * 0x846CA68B & mask
+    return (z ^ (z >> 16)) >> 8
+
+
+def test_dare_bits_equal_the_unsigned_reference_of_the_hash():
+    from coldswarm.fusion.methods import dare_bits
+
+    for start in (0, 1000, 2**31 - 3, 2**32 - 3, 5 * 2**32 - 2):  # fast path, wrapped low half, both halves
+        want = [_lowbias32_reference(3, "key", "enc.w", start + i) for i in range(6)]
+        assert dare_bits(3, "key", "enc.w", start, 6).tolist() == want
+
+
+@pytest.mark.parametrize("combination", ["linear", "ties"])
+def test_dare_equals_drop_and_rescale_per_contribution(monkeypatch, combination):
+    """The blocked, in-place DARE equals the textbook one: each contribution's delta dropped by its own
+    draws (dare_uniform < density) and rescaled by 1/density, then combined (float64 reference)."""
+    import coldswarm.fusion.methods as methods
+    from coldswarm.fusion.methods import dare_drop, dare_uniform
+
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(23, 19, generator=g)
+    thetas = [base + torch.randn(23, 19, generator=g) for _ in range(4)]
+    weights = [1.0, 2.0, 0.5, 0.5]  # relative weights 1, 2, .5, .5 (exact in fp32)
+    rel = torch.tensor(weights, dtype=torch.float64) * 4 / sum(weights)
+    cfg = DareConfig(density=0.3, seed=5, combination=combination, scaling=0.7)
+    dropped = []
+    for i, t in enumerate(thetas):
+        d = t - base
+        u = dare_uniform(cfg.seed, f"c{i}", "layer.weight", 40, d.numel())  # offset 40: a later chunk
+        dropped.append(dare_drop(d, cfg.density, u).double())
+    if combination == "linear":
+        merged = sum(w * d for w, d in zip(rel, dropped, strict=True))
+    else:
+        elected = torch.sign(sum(w * d for w, d in zip(rel, dropped, strict=True)))
+        agree = [(torch.sign(d) == elected) & (d != 0) for d in dropped]
+        num = sum(w * torch.where(a, d, 0) for w, d, a in zip(rel, dropped, agree, strict=True))
+        den = sum(w * a for w, a in zip(rel, agree, strict=True))
+        merged = torch.where(den > 0, num / den.clamp_min(1e-30), 0)
+    want = (base.double() + cfg.scaling * merged).float()
+    for block in (None, 4 * 37):  # one block, then blocks of 37 entries
+        if block:
+            monkeypatch.setattr(methods, "TIES_BLOCK_ENTRIES", block)
+        out = METHODS["dare"](inputs(base, thetas, weights=weights, offset=40), cfg)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fisher_equals_the_closed_form_in_blocks(monkeypatch):
+    """sum_i w_i F_i theta_i / sum_i w_i F_i with F_i floored at eps (a missing Fisher counts as 0),
+    in float64, whether the Fishers come as a list or in the driver's stacked buffer, in any block size."""
+    import coldswarm.fusion.methods as methods
+
+    g = torch.Generator().manual_seed(8)
+    thetas = [torch.randn(13, 11, generator=g) for _ in range(4)]
+    fishers = [torch.rand(13, 11, generator=g) ** 3 for _ in range(4)]
+    fishers[1][fishers[1] < 0.2] = 0.0  # exact zeros: the floor decides there
+    fishers[2] = None
+    weights = [1.0, 2.0, 0.5, 3.0]
+    eps = 1e-3
+    w = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+    floored = [
+        torch.full((13, 11), eps, dtype=torch.float64) if f is None else f.double().clamp_min(eps)
+        for f in fishers
+    ]
+    num = sum(wi * f * t.double() for wi, f, t in zip(w, floored, thetas, strict=True))
+    den = sum(wi * f for wi, f in zip(w, floored, strict=True))
+    want = (num / den).float()
+    cfg = FisherConfig(eps=eps)
+    for block in (None, 4 * 10):
+        if block:
+            monkeypatch.setattr(methods, "TIES_BLOCK_ENTRIES", block)
+        out = METHODS["fisher"](inputs(torch.zeros(13, 11), thetas, weights=weights, fishers=fishers), cfg)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        stacked = torch.stack([torch.zeros(13, 11) if f is None else f.clone() for f in fishers])
+        x = inputs(torch.zeros(13, 11), thetas, weights=weights, fishers=fishers, fisher_stacked=stacked)
+        torch.testing.assert_close(METHODS["fisher"](x, cfg), want, rtol=1e-5, atol=1e-6)
