@@ -157,10 +157,18 @@ def render(args, msg) -> str:
     if isinstance(msg, pb.ListWorkersResponse):
         return table(
             [
-                [w.id, w.name, w.state, w.capabilities.device, w.assignment_id, _when(w.last_seen)]
+                [
+                    w.id,
+                    w.name,
+                    w.state,
+                    w.capabilities.device,
+                    w.assignment_id,
+                    _when(w.last_seen),
+                    f"{w.swarm_samples} in {w.swarm_rounds}" if w.swarm_rounds else "",
+                ]
                 for w in msg.workers
             ],
-            ["ID", "NAME", "STATE", "DEVICE", "ASSIGNMENT", "LAST SEEN"],
+            ["ID", "NAME", "STATE", "DEVICE", "ASSIGNMENT", "LAST SEEN", "PRETRAIN SAMPLES (ROUNDS)"],
         )
     if isinstance(msg, pb.ListVersionsResponse):
         return table([_version_row(v) for v in msg.versions], _VERSION_HEADERS)
@@ -204,7 +212,19 @@ def render(args, msg) -> str:
 
 
 _VERSION_HEADERS = ["", "VERSION", "PARENT", "ROUND", "METHOD", "STATE", "FILES", "BYTES", "CREATED"]
-_ROUND_HEADERS = ["ID", "KIND", "STATE", "BASE", "CONTRIB", "QUORUM", "METHOD", "RESULT", "DEADLINE", "ERROR"]
+_ROUND_HEADERS = [
+    "ID",
+    "KIND",
+    "STATE",
+    "BASE",
+    "CONTRIB",
+    "QUORUM",
+    "METHOD",
+    "RESULT",
+    "DEADLINE",
+    "SWARM",
+    "ERROR",
+]
 
 
 def _version_row(v) -> list:
@@ -232,8 +252,14 @@ def _round_row(r) -> list:
         r.method,
         _opt(r, "result_version"),
         _when(r.deadline),
+        _swarm(r),
         r.error,
     ]
+
+
+def _swarm(r) -> str:
+    """A collected pretrain round's admitted participants: ``w-1a2b:1024 w-3c4d:980`` (worker: samples)."""
+    return " ".join(f"{p.worker_id}:{p.samples}" for p in r.swarm_participants)
 
 
 def run(args, stub, md) -> object:

@@ -118,18 +118,31 @@ class PretrainCollector:
             if reached == 0 and state != RoundState.OPEN:
                 raise RuntimeError("the round ended before the swarm took its first optimizer step")
             # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
+            # Refuses a state that is not finite or moved more than the round's max_state_jump (the workers'
+            # bound too) from the base: such a state never becomes a version. Whether one that passes is
+            # published is the publication gate's decision (merge_pipeline), not the collector's.
+            jump = (rnd.options.get("hyperparameters") or {}).get("max_state_jump")
             metrics = self.ckpt.collect(
                 rnd.run_id,
                 app.versions.directory(rnd.base_version),
                 out,
                 min_epoch=min(epochs, max(reached, 1)),
                 timeout=float(rnd.options.get("collect_timeout_s", 120.0)),
+                max_state_jump=float(jump) if isinstance(jump, int | float) else None,
             )
             metrics = {**metrics, **app.merges.evaluate(out)}
             if app.rounds.get(rnd.id).state not in _COLLECTING:
                 log.info("round %d ended while its state was collected; not recording it", rnd.id)
                 return
-            version = app.merges.record_version(out, rnd.id, kind=VersionKind.PRETRAIN, metrics=metrics)
+            # Who took part, from their signed records on the DHT (credential: worker id; record: samples).
+            participants = self.ckpt.participants.pop(rnd.run_id, [])
+            version = app.merges.record_version(
+                out,
+                rnd.id,
+                kind=VersionKind.PRETRAIN,
+                metrics=metrics,
+                extra={"swarm_participants": participants},
+            )
             if app.rounds.get(rnd.id).state == RoundState.OPEN:
                 app.rounds.close_round(rnd.id, reason="collected")
             log.info("round %d: the swarm's state is version %d", rnd.id, version.number)

@@ -99,7 +99,23 @@ def version_pb(v: VersionRow) -> pb.Version:
     return msg
 
 
-def round_pb(r: RoundRow) -> pb.Round:
+def participant_pb(p: dict) -> pb.SwarmParticipant:
+    """A manifest's ``swarm_participants`` entry (written by the checkpointer from signed records)."""
+
+    def count(key: str) -> int:
+        value = p.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    return pb.SwarmParticipant(
+        worker_id=str(p.get("worker", "")),
+        peer_id=str(p.get("peer_id", "")),
+        samples=count("samples"),
+        steps=count("steps"),
+        epoch=min(count("epoch"), 2**32 - 1),
+    )
+
+
+def round_pb(r: RoundRow, participants: list[dict] = ()) -> pb.Round:
     msg = pb.Round(
         id=r.id,
         kind=r.kind,
@@ -114,6 +130,7 @@ def round_pb(r: RoundRow) -> pb.Round:
         opened_at=r.opened_at,
         closed_at=r.closed_at,
         run_id=r.run_id,
+        swarm_participants=[participant_pb(p) for p in participants],
     )
     if r.result_version is not None:
         msg.result_version = r.result_version
@@ -136,7 +153,7 @@ def contribution_pb(c: ContributionRow) -> pb.Contribution:
     )
 
 
-def worker_pb(w: WorkerRow) -> pb.WorkerInfo:
+def worker_pb(w: WorkerRow, swarm_totals: tuple[int, int] = (0, 0)) -> pb.WorkerInfo:
     caps = pb.Capabilities()
     try:
         caps.ParseFromString(w.capabilities)
@@ -151,6 +168,8 @@ def worker_pb(w: WorkerRow) -> pb.WorkerInfo:
         state=w.state,
         assignment_id=w.assignment_id,
         progress_json=w.progress_json,
+        swarm_samples=swarm_totals[0],
+        swarm_rounds=swarm_totals[1],
     )
 
 
@@ -269,6 +288,18 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.app.workers.leave(principal.worker_id)
         return pb.LeaveResponse()
 
+    @rpc("worker")
+    def GetSwarmCredential(self, request, context, principal: Principal):
+        issued = self.app.swarm.issue(principal.worker_id, request.assignment_id, request.public_key)
+        return pb.SwarmCredential(
+            access_token=issued.token,
+            authority_public_key=issued.authority_public_key,
+            expires_at=issued.expires_at,
+            renew_after_s=issued.renew_after_s,
+            peer_id=issued.peer_id,
+            run_id=issued.run_id,
+        )
+
 
 # -- AdminService ------------------------------------------------------------------------
 
@@ -298,8 +329,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc("admin")
     def ListWorkers(self, request, context, principal):
+        totals = self.app.swarm.worker_totals()
         return pb.ListWorkersResponse(
-            workers=[worker_pb(w) for w in self.app.workers.list(request.include_gone)]
+            workers=[
+                worker_pb(w, totals.get(w.id, (0, 0))) for w in self.app.workers.list(request.include_gone)
+            ]
         )
 
     @rpc("admin")
@@ -308,7 +342,11 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
 
     @rpc("admin")
     def ListRounds(self, request, context, principal):
-        return pb.ListRoundsResponse(rounds=[round_pb(r) for r in self.app.rounds.list()])
+        return pb.ListRoundsResponse(
+            rounds=[
+                round_pb(r, self.app.swarm.participants(r.result_version)) for r in self.app.rounds.list()
+            ]
+        )
 
     @rpc("admin")
     def ListContributions(self, request, context, principal):

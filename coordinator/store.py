@@ -1,7 +1,8 @@
 """Durable state: one SQLite database in WAL mode, with numbered migrations.
 
 Every table the coordinator keeps lives here: runs, versions (and their files),
-rounds, assignments, workers, contributions, tokens and uploads in progress.
+rounds, assignments, workers, contributions, tokens, uploads in progress and the
+swarm credentials issued (:mod:`coldswarm.coordinator.swarm_admission`).
 Blobs (weights, contributions) are files in :mod:`coldswarm.coordinator.blobs`;
 a row names a blob by sha256 only after the blob is complete and verified.
 
@@ -124,6 +125,20 @@ MIGRATIONS: list[tuple[str, str]] = [
             created_at REAL NOT NULL,
             UNIQUE (worker_id, round_id)
         );
+        """,
+    ),
+    (
+        "swarm credentials",
+        """
+        CREATE TABLE swarm_credentials (
+            round_id INTEGER NOT NULL REFERENCES rounds(id),
+            worker_id TEXT NOT NULL REFERENCES workers(id),
+            peer_id TEXT NOT NULL,
+            public_key BLOB NOT NULL,
+            issued_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (round_id, worker_id)
+        )
         """,
     ),
 ]
