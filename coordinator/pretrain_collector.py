@@ -114,9 +114,13 @@ class PretrainCollector:
             state = app.rounds.get(rnd.id).state
             if state not in _COLLECTING:
                 return  # cancelled meanwhile (watch told the peers)
-            reached = int(self.ckpt.swarm_metrics(rnd.run_id).get("swarm_epoch_reported", 0))
+            swarm = self.ckpt.swarm_metrics(rnd.run_id)
+            reached = int(swarm.get("swarm_epoch_reported", 0))
             if reached == 0 and state != RoundState.OPEN:
-                raise RuntimeError("the round ended before the swarm took its first optimizer step")
+                raise RuntimeError(
+                    "the round ended before the swarm took its first optimizer step "
+                    f"({int(swarm['swarm_peers'])} admitted peer(s) reported progress)"
+                )
             # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
             # Refuses a state that is not finite or moved more than the round's max_state_jump (the workers'
             # bound too) from the base: such a state never becomes a version. Whether one that passes is

@@ -63,7 +63,9 @@ def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
             # The round's state changes before the announcement is stored: poll rather than read once.
             deadline, epoch = time.monotonic() + 30, None
             while epoch != ENDED_UNCOLLECTED and time.monotonic() < deadline:
-                epoch = collected_epoch(peer.get(collected_key(run_id), latest=True), authority.public_key_bytes)
+                epoch = collected_epoch(
+                    peer.get(collected_key(run_id), latest=True), authority.public_key_bytes
+                )
                 time.sleep(0.2)
             assert epoch == ENDED_UNCOLLECTED, run_id
     finally:
