@@ -18,7 +18,7 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import serialize_torch_tensor
 from hivemind.dht.schema import SchemaValidator
 from hivemind.optim.progress_tracker import TrainingProgressSchema
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, P2PHandlerError
 from hivemind.proto import averaging_pb2
 from hivemind.utils import get_dht_time
 from hivemind.utils.asyncio import as_aiter
@@ -191,30 +191,40 @@ def test_averagers_serve_and_download_from_admitted_peers_only(coordinator, star
     assert torch.equal(state[1][0], torch.full((64,), 1.0))  # the admitted server's, not the outsider's
     assert any("may not serve its state" in r for r in downloader.refusals())
 
-    # The outsider calls the server's averaging RPCs directly, with hivemind's own stubs.
+    # The outsider calls the server's averaging RPCs directly, with hivemind's own stubs. A refused stream may
+    # also be closed before the caller has finished writing to it: refused all the same.
+    async def codes(call) -> list:
+        try:
+            return [m.code async for m in await call]
+        except (ConnectionError, P2PHandlerError):
+            return ["closed"]
+
     async def knock() -> list:
         p2p = await P2P.create(initial_peers=server_maddrs, host_maddrs=LOOPBACK)
         try:
             stub = DecentralizedAverager.get_stub(p2p, server_dht.peer_id, namespace=prefix)
-            join_stream = await stub.rpc_join_group(
-                averaging_pb2.JoinRequest(schema_hash=b"x", expiration=get_dht_time() + 10, group_key=prefix)
+            joined = await codes(
+                stub.rpc_join_group(
+                    averaging_pb2.JoinRequest(
+                        schema_hash=b"x", expiration=get_dht_time() + 10, group_key=prefix
+                    )
+                )
             )
-            joined = [m.code async for m in join_stream]
             part = averaging_pb2.AveragingData(
                 code=averaging_pb2.PART_FOR_AVERAGING,
                 group_id=b"group",
                 tensor_part=serialize_torch_tensor(torch.full((64,), float("nan"))),
                 weight=1.0,
             )
-            aggregated = [m.code async for m in await stub.rpc_aggregate_part(as_aiter(part))]
+            aggregated = await codes(stub.rpc_aggregate_part(as_aiter(part)))
             downloaded = [m async for m in await stub.rpc_download_state(averaging_pb2.DownloadRequest())]
             return [joined, aggregated, downloaded]
         finally:
             await p2p.shutdown()
 
     joined, aggregated, downloaded = asyncio.new_event_loop().run_until_complete(knock())
-    assert joined == [averaging_pb2.PROTOCOL_VIOLATION]
-    assert aggregated == [averaging_pb2.PROTOCOL_VIOLATION]
+    assert joined in ([averaging_pb2.PROTOCOL_VIOLATION], ["closed"])
+    assert aggregated in ([averaging_pb2.PROTOCOL_VIOLATION], ["closed"])
     assert downloaded == []
     assert server.guard_stats()["callers"] >= 4  # the stranger's download and the outsider's three calls
     with server.get_tensors() as tensors:

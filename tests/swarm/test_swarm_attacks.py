@@ -175,7 +175,9 @@ def _check_against_honest_run(finals, results, honest_only):
         assert result["epoch"] >= EPOCHS, result
         distance = (final - reference).norm()
         assert distance < DISTANCE_BOUND * displacement, (distance, displacement)
-    return [float((f - reference).norm() / displacement) for f in finals]
+    ratios = [float((f - reference).norm() / displacement) for f in finals]
+    print("distance / honest displacement:", ratios)
+    return ratios
 
 
 @pytest.mark.timeout(900)
