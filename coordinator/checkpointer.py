@@ -7,6 +7,12 @@ uses, fp32, exact), puts it into a model of the round's base architecture, and w
 ``from_pretrained`` loads, plus the swarm's metrics. It never trains and never takes part in averaging: it
 attaches to the run's state averager with state sharing off, so no worker ever downloads from it.
 
+Its DHT peer's identity (``identity_path``) is the swarm's authority (:mod:`coldswarm.swarm.credentials`): the
+key that signs the workers' credentials (:attr:`Checkpointer.authority`) and the coordinator-only records. It
+downloads only from admitted peers and refuses a state that is not finite or whose parameters moved more than
+``max_state_jump`` from the base (the lineage's last defence); it reads who took part from their signed records
+(:meth:`Checkpointer.swarm_participants`).
+
 Usage (the round manager)::
 
     from coldswarm.coordinator.checkpointer import Checkpointer, CheckpointerConfig
@@ -17,7 +23,8 @@ Usage (the round manager)::
     task.initial_peers.extend(ckpt.initial_peers)            # hand these to workers
     ...                                                      # workers train run_id for `epochs` epochs
     metrics = ckpt.collect(run_id, base_model_dir, out_dir, min_epoch=epochs, timeout=600)
-    record_version(out_dir, round_id, kind="pretrain", metrics=metrics)
+    record_version(out_dir, round_id, kind="pretrain", metrics=metrics,
+                   extra={"swarm_participants": ckpt.participants.pop(run_id)})
     ckpt.shutdown()                                          # at coordinator exit
 
 ``collect`` writes ``out_dir`` through fusion's model-directory writer
