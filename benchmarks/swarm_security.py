@@ -3,13 +3,14 @@
     python benchmarks/swarm.py --security [--repeats 2] [--target-batch-size 1024] [--lm-size tiny]
     python benchmarks/swarm_security.py ...          # the same
 
-Three modes, each run by 2 peers (``SwarmTrainer``, 8-bit gradients, fp16 state averaging every round) in the
+Four modes, each run by 2 peers (``SwarmTrainer``, 8-bit gradients, fp16 state averaging every round) in the
 same run, interleaved ``--repeats`` times so that load that comes and goes on the machine hits every mode:
 
 * ``off``: an open swarm with hivemind's own averagers (no credentials, no authorizer, plain weighted mean);
-* ``auth+mean``: admission on (coordinator-signed credentials, hivemind's token authorizer on every DHT RPC,
-  the averagers' caller checks, signed records) and guarded averagers with the plain mean (finite parts only,
-  screened reducer results, checked downloads);
+* ``auth``: admission on (coordinator-signed credentials, hivemind's token authorizer on every DHT RPC, signed
+  records), hivemind's own averagers (so no caller checks either: this isolates the DHT's share);
+* ``auth+mean``: admission on and the guarded averagers (the averagers' caller checks, finite parts only,
+  screened reducer results, checked downloads) with the plain mean;
 * ``auth+clip``: the same with CenteredClip, the default.
 
 Per mode: samples/s per peer (training wall time, stalls included), the payload bytes each peer encodes per
@@ -38,7 +39,13 @@ HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 from swarm import batches, build_model, wait_for_file  # noqa: E402  - the swarm benchmark's model and data
 
-MODES = {"off": None, "auth+mean": "mean", "auth+clip": "centered_clip"}
+#: mode -> (admission on, aggregator of the guarded averagers or None for hivemind's own)
+MODES = {
+    "off": (False, None),
+    "auth": (True, None),
+    "auth+mean": (True, "mean"),
+    "auth+clip": (True, "centered_clip"),
+}
 _NETNS_ENV = "COLDSWARM_BENCH_OWN_NETNS"
 
 
@@ -83,7 +90,7 @@ def run_peer(args) -> dict:
         aggregator=args.aggregator or "mean",
     )
     security = None
-    if args.aggregator:
+    if args.keys:
         keys = Path(args.keys)
         security = PeerSecurity(
             keys / "identity.key", (keys / "authority.pub").read_bytes(), CredentialFile(keys / "credential")
@@ -115,7 +122,7 @@ def run_peer(args) -> dict:
 # -- one mode: a bootstrap and two peers --------------------------------------------------------------------
 
 
-def run_mode(args, workdir: Path, name: str, aggregator: str | None) -> dict:
+def run_mode(args, workdir: Path, name: str, auth: bool, aggregator: str | None) -> dict:
     from hivemind.utils import get_dht_time
 
     from coldswarm.coordinator.checkpointer import Checkpointer, CheckpointerConfig
@@ -125,7 +132,7 @@ def run_mode(args, workdir: Path, name: str, aggregator: str | None) -> dict:
 
     run_id = name.replace("+", "-")
     bootstrap = checkpointer = None
-    if aggregator is None:
+    if not auth:
         bootstrap = start_dht(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
         peers = ",".join(str(a) for a in bootstrap.get_visible_maddrs())
     else:
@@ -139,7 +146,7 @@ def run_mode(args, workdir: Path, name: str, aggregator: str | None) -> dict:
             argv = [sys.executable, str(HERE), "--role", "peer", "--out", str(out), "--go", str(go)]
             argv += ["--run-id", run_id, "--initial-peers", peers, "--seed", str(100 + i)]
             argv += ["--aggregator", aggregator or ""]
-            if aggregator is not None:  # what the coordinator's GetSwarmCredential gives a worker
+            if auth:  # what the coordinator's GetSwarmCredential gives a worker
                 keys = workdir / f"{name}{i}-keys"
                 keys.mkdir()
                 public = load_or_create_identity(keys / "identity.key").get_public_key().to_bytes()
@@ -180,11 +187,11 @@ def run_mode(args, workdir: Path, name: str, aggregator: str | None) -> dict:
             bootstrap.shutdown()
         if checkpointer is not None:
             checkpointer.shutdown()
-    rounds = [max(r["epochs"] - r["local_fallbacks"], 1) for r in runs]
+    rounds = max(max(r["epochs"] for r in runs), 1)  # the swarm's global steps in this run
     return dict(
         rate=sum(r["samples_per_s"] for r in runs) / 2,
         per_value=sum(r["bytes_sent"] / max(r["values_sent"], 1) for r in runs) / 2,
-        wire_per_round=None if before is None else (after - before) / 2 / (sum(rounds) / 2),
+        wire_per_round=None if before is None else (after - before) / 2 / rounds,
         fallbacks=[r["local_fallbacks"] for r in runs],
         refusals=[r["refusals"] for r in runs],
         params=runs[0]["params"],
@@ -206,6 +213,52 @@ def _shared(args) -> list[str]:
     if args.lm_size:
         argv += ["--lm-size", args.lm_size]
     return argv
+
+
+def dht_get_bytes(tmp: Path, gets: int = 50) -> dict[str, float]:
+    """Bytes on the wire per ``dht.get(key, latest=True)`` in a 3-node DHT, without and with the token
+    authorizer (every request and response then carries a credential and a signature)."""
+    from hivemind.utils import get_dht_time
+
+    from coldswarm.swarm.authorizer import CredentialFile
+    from coldswarm.swarm.credentials import ROLE_WORKER, load_or_create_identity
+    from coldswarm.swarm.dht import start_dht
+    from coldswarm.swarm.security import PeerSecurity
+
+    out = {}
+    for mode in ("off", "auth"):
+        started = []
+        try:
+            kwargs = []
+            if mode == "auth":
+                coordinator = PeerSecurity.for_authority(tmp / "dht-authority.key")
+                authority = coordinator.credentials.authority
+                first = coordinator.dht_kwargs()
+                for i in range(2):
+                    key = load_or_create_identity(tmp / f"dht-{i}.key").get_public_key().to_bytes()
+                    source = CredentialFile(tmp / f"dht-{i}.credential")
+                    source.write(
+                        authority.issue(key, role=ROLE_WORKER, run_id="dht", expires_at=get_dht_time() + 600)
+                    )
+                    kwargs.append(
+                        PeerSecurity(tmp / f"dht-{i}.key", authority.public_key_bytes, source).dht_kwargs()
+                    )
+            else:
+                first, kwargs = {}, [{}, {}]
+            bootstrap = start_dht(**first)
+            started.append(bootstrap)
+            peers = [str(a) for a in bootstrap.get_visible_maddrs()]
+            nodes = [start_dht(peers, **kw) for kw in kwargs]
+            started += nodes
+            nodes[0].store("bench", subkey=b"x", value=1, expiration_time=get_dht_time() + 600)
+            before = lo_tx_bytes()
+            for _ in range(gets):
+                nodes[1].get("bench", latest=True)
+            out[mode] = (lo_tx_bytes() - before) / gets
+        finally:
+            for dht in reversed(started):
+                dht.shutdown()
+    return out
 
 
 def aggregation_seconds(parts: int = 3, size: int = 2**17, repeats: int = 20) -> dict[str, float]:
@@ -275,8 +328,8 @@ def main(argv=None) -> int:
     )
     results: dict[str, list[dict]] = {name: [] for name in MODES}
     for repeat in range(args.repeats):
-        for name, aggregator in MODES.items():
-            results[name].append(run_mode(args, workdir, f"{name}-{repeat}", aggregator))
+        for name, (auth, aggregator) in MODES.items():
+            results[name].append(run_mode(args, workdir, f"{name}-{repeat}", auth, aggregator))
     print(f"# load average after: {os.getloadavg()}")
     params = results["off"][0]["params"]
     print(
@@ -302,6 +355,12 @@ def main(argv=None) -> int:
                 else f"{'n/a':>21s}"
             )
             + f"   fallbacks {[r['fallbacks'] for r in runs]}"
+        )
+    if lo_tx_bytes() is not None:
+        per_get = dht_get_bytes(workdir)
+        print(
+            f"bytes on the wire per DHT get(latest) over 3 nodes: off {per_get['off']:,.0f}, auth "
+            f"{per_get['auth']:,.0f} ({per_get['auth'] / per_get['off']:.2f}x: a credential and a signature each way)"
         )
     seconds = aggregation_seconds()
     print(

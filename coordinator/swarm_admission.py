@@ -64,8 +64,10 @@ class SwarmAdmission:
         key_path: Path,
         lifetime_s: float,
     ):
-        if not lifetime_s > 0:
-            raise ValueError("the swarm credential lifetime must be positive")
+        from coldswarm.swarm.credentials import MAX_LIFETIME_S
+
+        if not 0 < lifetime_s <= MAX_LIFETIME_S:
+            raise ValueError(f"the swarm credential lifetime must be in (0, {MAX_LIFETIME_S:.0f}] seconds")
         self.store = store
         self.assignments = assignments
         self.rounds = rounds

@@ -46,6 +46,7 @@ from coldswarm.common.durable import atomic_write_bytes
 
 __all__ = [
     "MAX_CREDENTIAL_BYTES",
+    "MAX_LIFETIME_S",
     "ROLE_COORDINATOR",
     "ROLE_WORKER",
     "Credential",

@@ -86,7 +86,7 @@ class RobustAggregation:
         default=2.0, metadata={"help": "a sender's weight counts at most this many times the group's median"}
     )
     result_tolerance: float = field(
-        default=8.0,
+        default=16.0,
         metadata={
             "help": "refuse a reducer's average that moves our parts (relative L2) more than this many times "
             "our own reduction moved our own slice"

@@ -98,8 +98,13 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
     log.info("admitted to run %s's swarm until %.0f", task.run_id, credentials.expires_at)
     try:
         with SwarmTrainer(model, config, on_progress=on_progress, security=security) as trainer:
-            credentials.start(on_renewed=trainer.publish_credential, on_lost=trainer.stop)
-            result, collected = _train_and_serve(ctx, task, data, trainer, batches, credentials)
+            # Out of the swarm (credential expired unrenewed): stop training, and serving too.
+            leave = threading.Event()
+            threading.Thread(target=lambda: (ctx.stopping.wait(), leave.set()), daemon=True).start()
+            credentials.start(
+                on_renewed=trainer.publish_credential, on_lost=lambda: (leave.set(), trainer.stop())
+            )
+            result, collected = _train_and_serve(ctx, task, data, trainer, batches, credentials, leave)
     finally:
         credentials.stop()
     metrics = {f"swarm_{k}": v for k, v in result.as_metrics().items()}
@@ -107,10 +112,8 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
     return JobResult(num_examples=result.samples, metrics=metrics)
 
 
-def _train_and_serve(
-    ctx: JobContext, task, data, trainer: SwarmTrainer, batches, credentials: SwarmCredentials
-):
-    """Train until the swarm is done, then serve the state until the checkpointer collected it."""
+def _train_and_serve(ctx: JobContext, task, data, trainer: SwarmTrainer, batches, credentials, leave):
+    """Train until the swarm is done, then serve the state until the checkpointer collected it (or ``leave``)."""
     stop_watch = threading.Thread(target=lambda: (ctx.cancel.wait(), trainer.stop()), daemon=True)
     stop_watch.start()
     result = trainer.train(batches)
@@ -122,7 +125,7 @@ def _train_and_serve(
         # The coordinator closed the round early (admin or deadline): what the swarm has is its result.
         log.info("round closed at epoch %d: serving the swarm's state to the checkpointer", result.epoch)
     ctx.progress.update(phase="serving_state")
-    collected = trainer.serve_state(timeout=data.serve_state_timeout_s, until=ctx.stopping)
+    collected = trainer.serve_state(timeout=data.serve_state_timeout_s, until=leave)
     if not collected and not ctx.stopping.is_set():
         log.warning(
             "the checkpointer did not collect run %s (the round ended without it, or %.0fs passed)",

@@ -114,7 +114,7 @@ def _container(deltas: dict[int, torch.Tensor], refused: list) -> ScreenedPartCo
 def test_sender_screens_reducers_results_against_its_own_slice():
     refused = []
     own = torch.full((100,), 0.1)  # our robust reduction moved our slice by 10%
-    honest = torch.full((100,), -0.3)  # another reducer's: 30%, within 8x ours
+    honest = torch.full((100,), -0.3)  # another reducer's: 30%, within 16x ours
     hostile = torch.full((100,), 3000.0)  # a plain mean with a x1e4 part in it
     container = _container({0: own, 1: honest, 2: hostile}, refused)
     container.screen_results()
