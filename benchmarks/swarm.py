@@ -1,6 +1,7 @@
 """Benchmark: what training together over hivemind costs a peer. Prints ratios; asserts nothing.
 
     python benchmarks/swarm.py [--seconds-per-epoch-target ...] [--batch-size 16] [--target-batch-size 2048]
+    python benchmarks/swarm.py --security [--repeats 2] ...   # admission + robust aggregation on vs off
 
 Two figures, each against a baseline measured in the same run:
 
@@ -237,6 +238,17 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=64)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument(
+        "--security",
+        action="store_true",
+        help="instead: admission and robust aggregation on vs off (benchmarks/swarm_security.py; its flags)",
+    )
+    known, _rest = ap.parse_known_args(argv)
+    if known.security:  # a separate benchmark with its own flags
+        sys.path.insert(0, str(HERE.parent))
+        from swarm_security import main as security_main
+
+        return security_main(sys.argv[1:] if argv is None else argv)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 

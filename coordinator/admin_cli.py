@@ -162,10 +162,18 @@ def render(args, msg) -> str:
     if isinstance(msg, pb.ListWorkersResponse):
         return table(
             [
-                [w.id, w.name, w.state, w.capabilities.device, w.assignment_id, _when(w.last_seen)]
+                [
+                    w.id,
+                    w.name,
+                    w.state,
+                    w.capabilities.device,
+                    w.assignment_id,
+                    _when(w.last_seen),
+                    f"{w.swarm_samples} in {w.swarm_rounds}" if w.swarm_rounds else "",
+                ]
                 for w in msg.workers
             ],
-            ["ID", "NAME", "STATE", "DEVICE", "ASSIGNMENT", "LAST SEEN"],
+            ["ID", "NAME", "STATE", "DEVICE", "ASSIGNMENT", "LAST SEEN", "PRETRAIN SAMPLES (ROUNDS)"],
         )
     if isinstance(msg, pb.ListVersionsResponse):
         return table([_version_row(v) for v in msg.versions], _VERSION_HEADERS)
@@ -209,7 +217,19 @@ def render(args, msg) -> str:
 
 
 _VERSION_HEADERS = ["", "VERSION", "PARENT", "ROUND", "METHOD", "STATE", "FILES", "BYTES", "CREATED"]
-_ROUND_HEADERS = ["ID", "KIND", "STATE", "BASE", "CONTRIB", "QUORUM", "METHOD", "RESULT", "DEADLINE", "ERROR"]
+_ROUND_HEADERS = [
+    "ID",
+    "KIND",
+    "STATE",
+    "BASE",
+    "CONTRIB",
+    "QUORUM",
+    "METHOD",
+    "RESULT",
+    "DEADLINE",
+    "SWARM",
+    "ERROR",
+]
 
 
 def _version_row(v) -> list:
@@ -237,6 +257,7 @@ def _round_row(r) -> list:
         r.method,
         _opt(r, "result_version"),
         _when(r.deadline),
+        _swarm(r),
         r.error,
     ]
 
@@ -261,6 +282,11 @@ def list_all(call, request, field: str, timeout: float):
         seen.add(page.next_page_token)
         request.page_token = page.next_page_token
     raise CliError(f"the listing did not end after {MAX_PAGES} pages")
+
+
+def _swarm(r) -> str:
+    """A collected pretrain round's admitted participants: ``w-1a2b:1024 w-3c4d:980`` (worker: samples)."""
+    return " ".join(f"{p.worker_id}:{p.samples}" for p in r.swarm_participants)
 
 
 def run(args, stub, md) -> object:

@@ -29,6 +29,7 @@ from coldswarm.coordinator.rounds import RoundStateMachine
 from coldswarm.coordinator.series import SwarmSeries
 from coldswarm.coordinator.states import VersionKind, VersionState
 from coldswarm.coordinator.store import Store
+from coldswarm.coordinator.swarm_admission import SwarmAdmission
 from coldswarm.coordinator.uploads import UploadManager
 from coldswarm.coordinator.versions import VersionRow, VersionStore
 from coldswarm.coordinator.workers import WorkerRegistry
@@ -73,6 +74,9 @@ class Coordinator:
         self.assignments = Assignments(self.store, self.rounds, self.workers, self.dht_peers)
         self.contributions = Contributions(self.store, self.rounds, self.assignments)
         self.merges = MergePipeline(self.blobs, self.versions, self.rounds, self.contributions, config)
+        self.swarm = SwarmAdmission(
+            self.store, self.assignments, self.rounds, config.swarm_key_path, config.swarm_credential_ttl_s
+        )
         self.uploads = UploadManager(
             self.store,
             self.blobs,

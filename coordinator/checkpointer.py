@@ -7,7 +7,13 @@ uses, fp32, exact), puts it into a model of the round's base architecture, and w
 ``from_pretrained`` loads, plus the swarm's metrics. It never trains and never takes part in averaging: it
 attaches to the run's state averager with state sharing off, so no worker ever downloads from it.
 
-Usage (what :class:`~coldswarm.coordinator.pretrain_collector.PretrainCollector` does)::
+Its DHT peer's identity (``identity_path``) is the swarm's authority (:mod:`coldswarm.swarm.credentials`): the
+key that signs the workers' credentials (:attr:`Checkpointer.authority`) and the coordinator-only records. It
+downloads only from admitted peers and refuses a state that is not finite or whose parameters moved more than
+``max_state_jump`` from the base (the lineage's last defence); it reads who took part from their signed records
+(:meth:`Checkpointer.swarm_participants`).
+
+Usage (the round manager)::
 
     from coldswarm.coordinator.checkpointer import Checkpointer, CheckpointerConfig
 
@@ -37,6 +43,7 @@ import logging
 import math
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,9 +52,19 @@ import torch
 
 from coldswarm.fusion.checkpoint import CheckpointReader, ModelDirWriter
 from coldswarm.swarm.averaging_codecs import register_safe_codecs
+from coldswarm.swarm.credentials import SwarmAuthority
 from coldswarm.swarm.dht import start_dht
+from coldswarm.swarm.guarded_averagers import AveragerGuard, relative_jump
 from coldswarm.swarm.parameters import swarm_parameters
-from coldswarm.swarm.records import ENDED_UNCOLLECTED, collected_key, metrics_key, peer_metrics, run_validator
+from coldswarm.swarm.records import (
+    ENDED_UNCOLLECTED,
+    admitted_credentials,
+    admitted_key,
+    collected_key,
+    metrics_key,
+    peer_metrics,
+)
+from coldswarm.swarm.security import PeerSecurity
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +89,9 @@ class CheckpointerConfig:
     identity_path: Path | None = field(
         default=None,
         metadata={
-            "help": "private key file; with a fixed port keeps the peer id (and initial_peers) across restarts"
+            "help": "the swarm authority's key (also this peer's identity; made, owner-only, when missing): with "
+            "a fixed port keeps the peer id (and initial_peers) and the workers' credentials valid across "
+            "restarts. None: a key of this process's own, in a private temporary directory"
         },
     )
     initial_peers: list[str] = field(
@@ -83,6 +102,13 @@ class CheckpointerConfig:
     )
     request_timeout: float = field(default=3.0, metadata={"help": "hivemind RPC timeout"})
     poll_interval: float = field(default=2.0, metadata={"help": "seconds between collection attempts"})
+    max_state_jump: float = field(
+        default=0.5,
+        metadata={
+            "help": "refuse a collected state whose parameters moved more than this (relative L2) from the "
+            "round's base version; 0 disables"
+        },
+    )
 
 
 class Checkpointer:
@@ -91,17 +117,25 @@ class Checkpointer:
     def __init__(self, config: CheckpointerConfig | None = None):
         self.config = config or CheckpointerConfig()
         self.dht = None
+        self.security: PeerSecurity | None = None
+        self._own_key_dir: tempfile.TemporaryDirectory | None = None
         self._validated_runs: set[str] = set()
+        #: run id -> the participants collect() recorded with that run's state (for the version's manifest)
+        self.participants: dict[str, list[dict]] = {}
 
     def start(self) -> Checkpointer:
         """Start the DHT peer (a background process and its p2p daemon). Idempotent."""
         if self.dht is None:
             cfg = self.config
-            kwargs = {}
-            if cfg.identity_path is not None:
-                Path(cfg.identity_path).parent.mkdir(parents=True, exist_ok=True)
-                kwargs["identity_path"] = str(cfg.identity_path)
-            self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, **kwargs)
+            identity = cfg.identity_path
+            if identity is None:
+                self._own_key_dir = tempfile.TemporaryDirectory(prefix="coldswarm-swarm-key-")
+                identity = Path(self._own_key_dir.name) / "dht.key"
+            Path(identity).parent.mkdir(parents=True, exist_ok=True)
+            self.security = PeerSecurity.for_authority(identity)
+            self.dht = start_dht(
+                cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, **self.security.dht_kwargs()
+            )
             logger.info("swarm DHT bootstrap peer at %s", self.initial_peers)
         return self
 
@@ -117,43 +151,77 @@ class Checkpointer:
         self._require_started()
         return [str(addr) for addr in self.dht.get_visible_maddrs()]
 
+    @property
+    def authority(self) -> SwarmAuthority:
+        """The key that signs the swarm's credentials (this peer's own identity)."""
+        self._require_started()
+        return self.security.credentials.authority
+
     def shutdown(self) -> None:
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
             self._validated_runs.clear()
+        if self._own_key_dir is not None:
+            self._own_key_dir.cleanup()
+            self._own_key_dir = None
 
     def _validate_run(self, run_id: str) -> None:
-        """Make the DHT peer refuse malformed records under ``run_id``'s keys (once per run and peer)."""
+        """Make the DHT peer refuse malformed, unsigned or unauthorised records under ``run_id``'s keys."""
         if run_id not in self._validated_runs:
-            self.dht.add_validators([run_validator(run_id)])
+            self.dht.add_validators(self.security.run_validators(run_id))
             self._validated_runs.add(run_id)
 
     # -- what the swarm reports -------------------------------------------------------------------------
 
-    def swarm_metrics(self, run_id: str) -> dict[str, float]:
-        """The swarm's totals from what peers published under ``metrics_key(run_id)``: samples and steps summed
-        over every peer that took part (records outlive their peer for an hour), loss averaged over peers
-        weighted by their samples, the number of peers, and the newest epoch any peer reported."""
+    def swarm_participants(self, run_id: str) -> list[dict]:
+        """Who took part in ``run_id``, from their signed records: one entry per admitted peer that published
+        metrics (worker id and peer id from its credential, which the authority signed; epoch, steps, samples,
+        loss from its record, which only it could write). Records of keys without a credential for the run are
+        left out."""
         self._require_started()
         self._validate_run(run_id)
-        records = peer_metrics(self.dht.get(metrics_key(run_id), latest=True))
-        samples = sum(r.samples for r in records)
-        with_loss = [r for r in records if r.loss is not None]
-        loss_weight = sum(r.samples for r in with_loss)
+        authority = self.authority.public_key
+        credentials = admitted_credentials(self.dht.get(admitted_key(run_id), latest=True), authority, run_id)
+        participants = []
+        for owner, record in peer_metrics(self.dht.get(metrics_key(run_id), latest=True)):
+            credential = credentials.get(owner)
+            if credential is None:
+                continue
+            participants.append(
+                {
+                    "worker": credential.worker_id,
+                    "peer_id": credential.peer_id.to_base58(),
+                    "epoch": record.epoch,
+                    "steps": record.steps,
+                    "samples": record.samples,
+                    "loss": record.loss,
+                    "samples_per_s": record.samples_per_s,
+                }
+            )
+        return sorted(participants, key=lambda p: (p["worker"], p["peer_id"]))
+
+    def swarm_metrics(self, run_id: str, participants: list[dict] | None = None) -> dict[str, float]:
+        """The swarm's totals over its participants (:meth:`swarm_participants`): samples and steps summed over
+        every admitted peer that took part (records outlive their peer for an hour), loss averaged over peers
+        weighted by their samples, the number of peers, and the newest epoch any peer reported."""
+        records = self.swarm_participants(run_id) if participants is None else participants
+        samples = sum(r["samples"] for r in records)
+        with_loss = [r for r in records if r["loss"] is not None]
+        loss_weight = sum(r["samples"] for r in with_loss)
         if with_loss and loss_weight > 0:
-            loss = sum(r.loss * r.samples for r in with_loss) / loss_weight
+            loss = sum(r["loss"] * r["samples"] for r in with_loss) / loss_weight
         elif with_loss:
-            loss = sum(r.loss for r in with_loss) / len(with_loss)
+            loss = sum(r["loss"] for r in with_loss) / len(with_loss)
         else:
             loss = math.nan
         return {
             "swarm_loss": loss,
             "swarm_samples": float(samples),
-            "swarm_steps": float(sum(r.steps for r in records)),
+            "swarm_steps": float(sum(r["steps"] for r in records)),
             "swarm_peers": float(len(records)),
-            "swarm_samples_per_s": float(sum(r.samples_per_s for r in records)),
-            "swarm_epoch_reported": float(max((r.epoch for r in records), default=0)),
+            "swarm_samples_per_s": float(sum(r["samples_per_s"] for r in records)),
+            "swarm_epoch_reported": float(max((r["epoch"] for r in records), default=0)),
         }
 
     # -- collection -------------------------------------------------------------------------------------
@@ -166,6 +234,7 @@ class Checkpointer:
         *,
         min_epoch: int = 0,
         timeout: float = 300.0,
+        max_state_jump: float | None = None,
     ) -> dict[str, float]:
         """Download the swarm's averaged state for ``run_id`` and write it as an HF directory at ``out_dir``.
 
@@ -174,9 +243,13 @@ class Checkpointer:
         :param out_dir: must not exist; written atomically.
         :param min_epoch: keep trying until a peer serves a state of at least this epoch (the round's
           ``epochs``), or ``timeout`` passes.
+        :param max_state_jump: refuse states whose parameters moved more than this (relative L2) from the base
+          (default: the config's; 0 disables). States that are not finite are always refused. A refused state
+          is never written; the next peer is asked.
         :returns: metrics: ``epoch`` (of the collected state), ``swarm_loss``, ``swarm_samples``,
           ``swarm_steps``, ``swarm_peers``, ``swarm_samples_per_s``, ``collect_seconds``.
-        :raises CollectError: nothing collected in time, or the state does not fit the base architecture.
+        :raises CollectError: nothing (acceptable) collected in time, or the state does not fit the base
+          architecture.
         :raises FileExistsError: ``out_dir`` exists.
 
         Afterwards it announces the collection under ``collected_key(run_id)`` so workers waiting in
@@ -188,27 +261,38 @@ class Checkpointer:
         if out_dir.exists():
             raise FileExistsError(f"{out_dir} exists; a version directory is written once")
         began = time.monotonic()
+        jump = self.config.max_state_jump if max_state_jump is None else max_state_jump
         model, named = _base_model(base_model_dir)
-        epoch, loaded = self._download_state(run_id, named, min_epoch, began + timeout)
-        _load_parameters(run_id, named, loaded)
+        base = [param.detach().to("cpu", torch.float32).clone() for _, param in named]
+        epoch, loaded = self._download_state(run_id, base, min_epoch, began + timeout, jump)
+        state = _checked_state(run_id, named, loaded)
+        self._check_lineage(run_id, state, base, jump)
+        with torch.no_grad():
+            for (_, param), tensor in zip(named, state, strict=True):
+                param.copy_(tensor.to(param.dtype))
         self._write_version_dir(model, base_model_dir, out_dir)
-        metrics = {"epoch": float(epoch), **self.swarm_metrics(run_id)}
+        participants = self.swarm_participants(run_id)
+        self.participants[run_id] = participants
+        metrics = {"epoch": float(epoch), **self.swarm_metrics(run_id, participants)}
         metrics["collect_seconds"] = time.monotonic() - began
-        self._announce_collected(run_id, epoch)
+        self._announce(run_id, epoch)
         logger.info("collected run %s at epoch %d into %s: %s", run_id, epoch, out_dir, metrics)
         return metrics
 
-    def _download_state(self, run_id: str, named, min_epoch: int, deadline: float) -> tuple[int, list]:
-        """The swarm's state (its epoch and tensors) from a peer serving ``run_id`` at ``min_epoch`` or later,
-        downloaded into copies of ``named``'s parameters."""
+    def _download_state(
+        self, run_id: str, base: list, min_epoch: int, deadline: float, jump
+    ) -> tuple[int, list]:
+        """The swarm's state (its epoch and tensors) from an admitted peer serving ``run_id`` at ``min_epoch`` or
+        later, downloaded into copies of the base's tensors ``base``."""
         register_safe_codecs()
-        tensors = [param.detach().to("cpu", torch.float32).clone() for _, param in named]
-        # A plain averager under the run's state-averager prefix: it can download what the workers'
-        # TrainingStateAverager serves, but never steps (never joins an averaging group) and does not offer its
-        # own state (allow_state_sharing=False), so it changes nothing in the swarm.
+        # A guarded averager under the run's state-averager prefix: it downloads what the workers'
+        # TrainingStateAverager serves, from admitted peers only, and refuses a state that is not finite or moved
+        # more than `jump` from the base (then asks the next peer). It never steps (never joins an averaging
+        # group) and offers no state of its own (allow_state_sharing=False), so it changes nothing in the swarm.
         averager = _state_downloader_class()(
-            tensors,
+            [t.clone() for t in base],
             self.dht,
+            guard=AveragerGuard(admitted=self.security.admitted(run_id), max_state_jump=jump or None),
             prefix=f"{run_id}_state_averager",
             start=True,
             allow_state_sharing=False,
@@ -221,20 +305,38 @@ class Checkpointer:
             averager.shutdown()
         return int(metadata["epoch"]), loaded
 
-    def _announce_collected(self, run_id: str, epoch: int) -> None:
-        """Tell the run's peers serving their state that it was collected (at ``epoch``): they may leave."""
-        from hivemind.utils import get_dht_time
-
-        self.dht.store(collected_key(run_id), epoch, expiration_time=get_dht_time() + 3600)
-
     def announce_end(self, run_id: str) -> None:
         """Tell the run's peers serving their state that nothing will be collected (the round was cancelled
         or failed), so they leave now instead of at their serving timeout."""
-        from hivemind.utils import get_dht_time
-
         self._require_started()
         self._validate_run(run_id)
-        self.dht.store(collected_key(run_id), ENDED_UNCOLLECTED, expiration_time=get_dht_time() + 3600)
+        self._announce(run_id, ENDED_UNCOLLECTED)
+
+    def _announce(self, run_id: str, value: int) -> None:
+        """The coordinator-only record under ``collected_key``: signed with the authority's key, under its marker."""
+        from hivemind.utils import get_dht_time
+
+        self.dht.store(
+            collected_key(run_id),
+            subkey=self.security.owner_marker,
+            value=value,
+            expiration_time=get_dht_time() + 3600,
+        )
+
+    @staticmethod
+    def _check_lineage(run_id: str, state: list[torch.Tensor], base: list[torch.Tensor], jump: float) -> None:
+        """The lineage's last defence: a state that is not finite, or moved more than ``jump`` (relative L2)
+        from its parent, never becomes a version (the publication gate, in merge_pipeline, then decides
+        whether one that passes is published)."""
+        for i, tensor in enumerate(state):
+            if not bool(torch.isfinite(tensor).all()):
+                raise CollectError(f"run {run_id}: refused the swarm's state: parameter {i} is not finite")
+        moved = relative_jump(state, base)
+        if jump and moved > jump:
+            raise CollectError(
+                f"run {run_id}: refused the swarm's state: its parameters moved {moved:.3g} (relative L2) from "
+                f"the base version, over the bound {jump:g}"
+            )
 
     def _download(self, averager, run_id: str, min_epoch: int, deadline: float):
         # load_state_from_peers asks the peer with the highest declared priority (= its epoch); peers refresh
@@ -253,9 +355,14 @@ class Checkpointer:
                     return metadata, loaded
                 best_epoch = epoch if best_epoch is None else max(best_epoch, epoch or 0)
             time.sleep(min(self.config.poll_interval, max(0.0, deadline - time.monotonic())))
+        try:
+            refused = averager.refusals()
+        except Exception:  # the averager's process is gone: the message goes without its reasons
+            refused = []
         raise CollectError(
-            f"run {run_id}: no peer served a state of epoch >= {min_epoch} in time "
+            f"run {run_id}: no peer served an acceptable state of epoch >= {min_epoch} in time "
             f"({attempts} attempts; newest epoch seen: {best_epoch})"
+            + (f"; refused: {'; '.join(refused[-3:])}" if refused else "")
         )
 
     @staticmethod
@@ -295,8 +402,8 @@ def _base_model(base_model_dir: Path):
     return model, swarm_parameters(model)
 
 
-def _load_parameters(run_id: str, named, loaded: list) -> None:
-    """Copy the downloaded tensors into the model's parameters ``named``, after checking they fit."""
+def _checked_state(run_id: str, named, loaded: list) -> list[torch.Tensor]:
+    """The downloaded tensors of the model's parameters ``named``, in their order, after checking they fit."""
     # The download holds the trained parameters first (in swarm_parameters order), then the optimizer's
     # statistics (Adam: two moments per parameter, and its step counters), which a version does not keep.
     if len(loaded) < len(named):
@@ -304,34 +411,21 @@ def _load_parameters(run_id: str, named, loaded: list) -> None:
             f"run {run_id}: peer sent {len(loaded)} tensors, base architecture has {len(named)} trained "
             "parameters; was the round started from this base version?"
         )
-    state = {}
     for (name, param), tensor in zip(named, loaded[: len(named)], strict=True):
         if tuple(tensor.shape) != tuple(param.shape):
             raise CollectError(
                 f"run {run_id}: tensor for {name} has shape {tuple(tensor.shape)}, base has {tuple(param.shape)}"
             )
-        state[name] = tensor
-    with torch.no_grad():
-        for name, param in named:
-            param.copy_(state[name].to(param.dtype))
+    return list(loaded[: len(named)])
 
 
 def _state_downloader_class():
-    """A ``DecentralizedAverager`` that downloads from the workers' ``TrainingStateAverager``.
+    """The checkpointer's :class:`~coldswarm.swarm.guarded_averagers.GuardedStateDownloader` (it answers to and
+    calls the workers' ``TrainingStateAverager`` RPC names; hivemind names RPCs after the servicer's class),
+    whose process ignores SIGINT itself."""
+    from coldswarm.swarm.guarded_averagers import GuardedStateDownloader
 
-    hivemind names RPC handlers ``{prefix}::{ServicerClassName}.rpc_...``, and ``load_state_from_peers`` builds
-    its stub from ``type(self)``: a plain ``DecentralizedAverager`` asks for
-    ``...::DecentralizedAverager.rpc_download_state`` and the workers answer "protocols not supported". So
-    the stub is made from ``TrainingStateAverager``, whose class the workers serve under.
-    """
-    from hivemind.averaging import DecentralizedAverager
-    from hivemind.optim.state_averager import TrainingStateAverager
-
-    class _StateDownloader(DecentralizedAverager):
-        @classmethod
-        def get_stub(cls, p2p, peer, *, namespace=None):
-            return TrainingStateAverager.get_stub(p2p, peer, namespace=namespace)
-
+    class _StateDownloader(GuardedStateDownloader):
         # hivemind's run_in_background sets SIGINT to SIG_IGN in the calling process, which raises off the
         # main thread (the coordinator collects on a background thread) and would leave the coordinator
         # deaf to Ctrl-C. Ignore SIGINT in the averager's own process instead, where hivemind wants it.

@@ -97,6 +97,11 @@ class CoordinatorConfig:
     dht_announce: list[str] = _opt(
         [], "Multiaddrs workers should dial for that peer (public address behind NAT)."
     )
+    swarm_credential_ttl_s: float = _opt(
+        600.0,
+        "Lifetime of the credentials that admit workers' hivemind peers to a pretrain swarm (renewed at half of "
+        "it): a worker whose token is revoked drops out of the swarm within this long.",
+    )
     join_token_file: Path | None = _opt(
         None,
         "Also mint a join token at first start and write it to this file (mode 0600), e.g. for "
@@ -174,6 +179,11 @@ class CoordinatorConfig:
     @property
     def admin_token_path(self) -> Path:
         return self.data_dir / "admin.token"
+
+    @property
+    def swarm_key_path(self) -> Path:
+        """The swarm authority's key: it signs swarm credentials and is the DHT peer's identity (owner-only)."""
+        return self.data_dir / "dht.key"
 
 
 def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:

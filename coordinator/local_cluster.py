@@ -354,7 +354,8 @@ def summarise(version: pb.Version) -> dict:
         "version": version.number,
         "round": manifest.get("kind", version.method),
         "method": version.method,
-        "contributions": len(manifest.get("contributions", [])),
+        # A pretrain version's contributors are the admitted workers whose signed records the checkpointer read.
+        "contributions": len(manifest.get("contributions", []) or manifest.get("swarm_participants", [])),
         "mod_loss": mod_mean,
         "seen_em": metrics.get("seen_exact_match"),
         "heldout_em": metrics.get("heldout_exact_match"),

@@ -276,13 +276,15 @@ class MergePipeline:
         metrics: dict | None = None,
         publish: bool = True,
         method: str | None = None,
+        extra: dict | None = None,
     ) -> VersionRow:
         """Record ``model_dir`` (an HF directory with safetensors weights) as the next version.
 
         For the pretrain checkpointer: call it with the averaged state written to a
         directory (it is copied into the blob store; the directory may be deleted after).
         With ``round_id`` the version's parent is that round's latest result (or its
-        base), and a round that was ``closing`` becomes ``published``. Returns the version.
+        base), and a round that was ``closing`` becomes ``published``. ``extra`` goes into the manifest (the
+        checkpointer's ``swarm_participants``). Returns the version.
         """
         parent = self.versions.current()
         rnd = None
@@ -302,6 +304,7 @@ class MergePipeline:
             method=method or kind,
             metrics=metrics or {},
             publish=publish,
+            extra=extra,
             on_commit=mark,
         )
 

@@ -119,20 +119,41 @@ class PretrainCollector:
             deadline = time.monotonic() + timeout
             reached = self._epoch_reached(rnd, epochs, early=state != RoundState.OPEN, deadline=deadline)
             if reached == 0 and state != RoundState.OPEN:
-                raise RuntimeError("the round ended before the swarm took its first optimizer step")
+                swarm = self.ckpt.swarm_metrics(rnd.run_id)
+                raise RuntimeError(
+                    "the round ended before the swarm took its first optimizer step "
+                    f"({int(swarm['swarm_peers'])} admitted peer(s) reported progress)"
+                )
             # Closed early (admin or deadline): the state of the epoch the swarm reached is the round's result.
+            # Refuses a state that is not finite or moved more than the round's max_state_jump (the workers'
+            # bound too) from the base: such a state never becomes a version. Whether one that passes is
+            # published is the publication gate's decision (merge_pipeline), not the collector's.
+            jump = (rnd.options.get("hyperparameters") or {}).get("max_state_jump")
             metrics = self.ckpt.collect(
                 rnd.run_id,
                 app.versions.directory(rnd.base_version),
                 out,
                 min_epoch=min(epochs, max(reached, 1)),
                 timeout=max(deadline - time.monotonic(), self.poll_s),
+                max_state_jump=float(jump) if isinstance(jump, int | float) else None,
             )
             metrics = {**metrics, **app.merges.evaluate(out)}
             if app.rounds.get(rnd.id).state not in _COLLECTING:
                 log.info("round %d ended while its state was collected; not recording it", rnd.id)
                 return
-            version = app.merges.record_version(out, rnd.id, kind=VersionKind.PRETRAIN, metrics=metrics)
+            # Who took part, from their signed records on the DHT (credential: peer id; record: samples). Every
+            # worker may read the manifest, so it names peers, not workers (the database maps one to the other).
+            participants = [
+                {k: v for k, v in p.items() if k != "worker"}
+                for p in self.ckpt.participants.pop(rnd.run_id, [])
+            ]
+            version = app.merges.record_version(
+                out,
+                rnd.id,
+                kind=VersionKind.PRETRAIN,
+                metrics=metrics,
+                extra={"swarm_participants": participants},
+            )
             if app.rounds.get(rnd.id).state == RoundState.OPEN:
                 app.rounds.close_round(rnd.id, reason="collected")
             log.info("round %d: the swarm's state is version %d", rnd.id, version.number)

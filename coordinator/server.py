@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -87,9 +86,7 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
     if config.dht_listen:
         from coldswarm.coordinator.pretrain_collector import PretrainCollector
 
-        collector = PretrainCollector(
-            config.dht_listen, config.dht_announce, Path(config.data_dir) / "dht.key"
-        )
+        collector = PretrainCollector(config.dht_listen, config.dht_announce, config.swarm_key_path)
     app = Coordinator(config, dht_peers=None if collector is None else collector.initial_peers)
     metrics = CoordinatorMetrics(app)
     app.merges.on_stage_seconds.append(metrics.observe_stage)  # before start(): recovery may merge

@@ -107,7 +107,23 @@ def version_pb(v: VersionRow) -> pb.Version:
     return msg
 
 
-def round_pb(r: RoundRow) -> pb.Round:
+def participant_pb(p: dict) -> pb.SwarmParticipant:
+    """A manifest's ``swarm_participants`` entry (written by the checkpointer from signed records)."""
+
+    def count(key: str) -> int:
+        value = p.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+    return pb.SwarmParticipant(
+        worker_id=str(p.get("worker", "")),
+        peer_id=str(p.get("peer_id", "")),
+        samples=count("samples"),
+        steps=count("steps"),
+        epoch=min(count("epoch"), 2**32 - 1),
+    )
+
+
+def round_pb(r: RoundRow, participants: list[dict] = ()) -> pb.Round:
     msg = pb.Round(
         id=r.id,
         kind=r.kind,
@@ -122,6 +138,7 @@ def round_pb(r: RoundRow) -> pb.Round:
         opened_at=r.opened_at,
         closed_at=r.closed_at,
         run_id=r.run_id,
+        swarm_participants=[participant_pb(p) for p in participants],
     )
     if r.result_version is not None:
         msg.result_version = r.result_version
@@ -150,7 +167,7 @@ def contribution_pb(c: ContributionRow, limit: int = 64 * 1024) -> pb.Contributi
     )
 
 
-def worker_pb(w: WorkerRow, limit: int = 64 * 1024) -> pb.WorkerInfo:
+def worker_pb(w: WorkerRow, limit: int = 64 * 1024, swarm_totals: tuple[int, int] = (0, 0)) -> pb.WorkerInfo:
     caps = pb.Capabilities()
     try:
         caps.ParseFromString(w.capabilities)
@@ -165,6 +182,8 @@ def worker_pb(w: WorkerRow, limit: int = 64 * 1024) -> pb.WorkerInfo:
         state=w.state,
         assignment_id=w.assignment_id,
         progress_json=_json_for_listing(w.progress_json, limit),
+        swarm_samples=swarm_totals[0],
+        swarm_rounds=swarm_totals[1],
     )
 
 
@@ -288,6 +307,18 @@ class WorkerServicer(pb_grpc.WorkerServiceServicer):
         self.app.workers.leave(principal.worker_id)
         return pb.LeaveResponse()
 
+    @rpc("worker")
+    def GetSwarmCredential(self, request, context, principal: Principal):
+        issued = self.app.swarm.issue(principal.worker_id, request.assignment_id, request.public_key)
+        return pb.SwarmCredential(
+            access_token=issued.token,
+            authority_public_key=issued.authority_public_key,
+            expires_at=issued.expires_at,
+            renew_after_s=issued.renew_after_s,
+            peer_id=issued.peer_id,
+            run_id=issued.run_id,
+        )
+
 
 # -- AdminService ------------------------------------------------------------------------
 
@@ -323,7 +354,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
         page = page_request("workers", request.page_size, request.page_token, gone=request.include_gone)
         rows = self.app.workers.list(request.include_gone, after=page.after, limit=page.size + 1)
         limit = self.app.listing_json_chars
-        items, token = fill_page(rows, lambda kr: worker_pb(kr[1], limit), lambda kr: kr[0], page)
+        totals = self.app.swarm.worker_totals()
+        items, token = fill_page(
+            rows, lambda kr: worker_pb(kr[1], limit, totals.get(kr[1].id, (0, 0))), lambda kr: kr[0], page
+        )
         return pb.ListWorkersResponse(workers=items, next_page_token=token)
 
     @rpc("admin")
@@ -337,7 +371,10 @@ class AdminServicer(pb_grpc.AdminServiceServicer):
     def ListRounds(self, request, context, principal):
         page = page_request("rounds", request.page_size, request.page_token)
         rows = self.app.rounds.list(after=page.after, limit=page.size + 1)
-        items, token = fill_page(rows, round_pb, lambda r: r.id, page)
+        participants = self.app.swarm.participants
+        items, token = fill_page(
+            rows, lambda r: round_pb(r, participants(r.result_version)), lambda r: r.id, page
+        )
         return pb.ListRoundsResponse(rounds=items, next_page_token=token)
 
     @rpc("admin")

@@ -2,7 +2,8 @@
 
 Every table the coordinator keeps lives here: runs, versions (and their files),
 rounds, assignments, workers, contributions, tokens, uploads in progress and the
-swarm's curves per pretrain round (:mod:`coldswarm.coordinator.series`).
+swarm's curves per pretrain round (:mod:`coldswarm.coordinator.series`) and the swarm
+credentials issued (:mod:`coldswarm.coordinator.swarm_admission`).
 Blobs (weights, contributions) are files in :mod:`coldswarm.coordinator.blobs`;
 a row names a blob by sha256 only after the blob is complete and verified.
 
@@ -142,6 +143,20 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         CREATE INDEX round_series_by_round ON round_series(round_id, source, t);
         ALTER TABLE workers ADD COLUMN address TEXT NOT NULL DEFAULT ''
+        """,
+    ),
+    (
+        "swarm credentials",
+        """
+        CREATE TABLE swarm_credentials (
+            round_id INTEGER NOT NULL REFERENCES rounds(id),
+            worker_id TEXT NOT NULL REFERENCES workers(id),
+            peer_id TEXT NOT NULL,
+            public_key BLOB NOT NULL,
+            issued_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            PRIMARY KEY (round_id, worker_id)
+        )
         """,
     ),
 ]

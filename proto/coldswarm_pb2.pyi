@@ -65,7 +65,7 @@ class Version(_message.Message):
     def __init__(self, number: _Optional[int] = ..., parent: _Optional[int] = ..., round_id: _Optional[int] = ..., method: _Optional[str] = ..., state: _Optional[str] = ..., files: _Optional[_Iterable[_Union[FileEntry, _Mapping]]] = ..., manifest_json: _Optional[str] = ..., created_at: _Optional[float] = ..., is_current: _Optional[bool] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("id", "kind", "base_version", "state", "quorum", "deadline", "method", "options_json", "contributions", "result_version", "error", "opened_at", "closed_at", "run_id")
+    __slots__ = ("id", "kind", "base_version", "state", "quorum", "deadline", "method", "options_json", "contributions", "result_version", "error", "opened_at", "closed_at", "run_id", "swarm_participants")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Round(_message.Message):
     OPENED_AT_FIELD_NUMBER: _ClassVar[int]
     CLOSED_AT_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    SWARM_PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
     id: int
     kind: str
     base_version: int
@@ -94,7 +95,8 @@ class Round(_message.Message):
     opened_at: float
     closed_at: float
     run_id: str
-    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., base_version: _Optional[int] = ..., state: _Optional[str] = ..., quorum: _Optional[int] = ..., deadline: _Optional[float] = ..., method: _Optional[str] = ..., options_json: _Optional[str] = ..., contributions: _Optional[int] = ..., result_version: _Optional[int] = ..., error: _Optional[str] = ..., opened_at: _Optional[float] = ..., closed_at: _Optional[float] = ..., run_id: _Optional[str] = ...) -> None: ...
+    swarm_participants: _containers.RepeatedCompositeFieldContainer[SwarmParticipant]
+    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., base_version: _Optional[int] = ..., state: _Optional[str] = ..., quorum: _Optional[int] = ..., deadline: _Optional[float] = ..., method: _Optional[str] = ..., options_json: _Optional[str] = ..., contributions: _Optional[int] = ..., result_version: _Optional[int] = ..., error: _Optional[str] = ..., opened_at: _Optional[float] = ..., closed_at: _Optional[float] = ..., run_id: _Optional[str] = ..., swarm_participants: _Optional[_Iterable[_Union[SwarmParticipant, _Mapping]]] = ...) -> None: ...
 
 class Contribution(_message.Message):
     __slots__ = ("id", "round_id", "worker_id", "base_version", "form", "size", "sha256", "num_examples", "metrics_json", "state", "created_at")
@@ -123,7 +125,7 @@ class Contribution(_message.Message):
     def __init__(self, id: _Optional[int] = ..., round_id: _Optional[int] = ..., worker_id: _Optional[str] = ..., base_version: _Optional[int] = ..., form: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics_json: _Optional[str] = ..., state: _Optional[str] = ..., created_at: _Optional[float] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "name", "capabilities", "registered_at", "last_seen", "state", "assignment_id", "progress_json")
+    __slots__ = ("id", "name", "capabilities", "registered_at", "last_seen", "state", "assignment_id", "progress_json", "swarm_samples", "swarm_rounds")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +134,8 @@ class WorkerInfo(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_JSON_FIELD_NUMBER: _ClassVar[int]
+    SWARM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SWARM_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     capabilities: Capabilities
@@ -140,7 +144,9 @@ class WorkerInfo(_message.Message):
     state: str
     assignment_id: str
     progress_json: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., state: _Optional[str] = ..., assignment_id: _Optional[str] = ..., progress_json: _Optional[str] = ...) -> None: ...
+    swarm_samples: int
+    swarm_rounds: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., registered_at: _Optional[float] = ..., last_seen: _Optional[float] = ..., state: _Optional[str] = ..., assignment_id: _Optional[str] = ..., progress_json: _Optional[str] = ..., swarm_samples: _Optional[int] = ..., swarm_rounds: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("name", "capabilities")
@@ -355,6 +361,44 @@ class LeaveRequest(_message.Message):
 class LeaveResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class SwarmCredentialRequest(_message.Message):
+    __slots__ = ("assignment_id", "public_key")
+    ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    assignment_id: str
+    public_key: bytes
+    def __init__(self, assignment_id: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class SwarmCredential(_message.Message):
+    __slots__ = ("access_token", "authority_public_key", "expires_at", "renew_after_s", "peer_id", "run_id")
+    ACCESS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AUTHORITY_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    RENEW_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    access_token: bytes
+    authority_public_key: bytes
+    expires_at: float
+    renew_after_s: float
+    peer_id: str
+    run_id: str
+    def __init__(self, access_token: _Optional[bytes] = ..., authority_public_key: _Optional[bytes] = ..., expires_at: _Optional[float] = ..., renew_after_s: _Optional[float] = ..., peer_id: _Optional[str] = ..., run_id: _Optional[str] = ...) -> None: ...
+
+class SwarmParticipant(_message.Message):
+    __slots__ = ("worker_id", "peer_id", "samples", "steps", "epoch")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    peer_id: str
+    samples: int
+    steps: int
+    epoch: int
+    def __init__(self, worker_id: _Optional[str] = ..., peer_id: _Optional[str] = ..., samples: _Optional[int] = ..., steps: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -83,6 +83,11 @@ class WorkerServiceStub:
                 request_serializer=coldswarm_dot_proto_dot_coldswarm__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=coldswarm_dot_proto_dot_coldswarm__pb2.LeaveResponse.FromString,
                 _registered_method=True)
+        self.GetSwarmCredential = channel.unary_unary(
+                '/coldswarm.v1.WorkerService/GetSwarmCredential',
+                request_serializer=coldswarm_dot_proto_dot_coldswarm__pb2.SwarmCredentialRequest.SerializeToString,
+                response_deserializer=coldswarm_dot_proto_dot_coldswarm__pb2.SwarmCredential.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -156,6 +161,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSwarmCredential(self, request, context):
+        """A short-lived credential, signed by the coordinator, that admits this worker's hivemind peer (its RSA
+        identity) to the swarm of its pretrain assignment's round; ask again before it expires.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -203,6 +216,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=coldswarm_dot_proto_dot_coldswarm__pb2.LeaveRequest.FromString,
                     response_serializer=coldswarm_dot_proto_dot_coldswarm__pb2.LeaveResponse.SerializeToString,
+            ),
+            'GetSwarmCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSwarmCredential,
+                    request_deserializer=coldswarm_dot_proto_dot_coldswarm__pb2.SwarmCredentialRequest.FromString,
+                    response_serializer=coldswarm_dot_proto_dot_coldswarm__pb2.SwarmCredential.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -452,6 +470,33 @@ class WorkerService:
             '/coldswarm.v1.WorkerService/Leave',
             coldswarm_dot_proto_dot_coldswarm__pb2.LeaveRequest.SerializeToString,
             coldswarm_dot_proto_dot_coldswarm__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSwarmCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/coldswarm.v1.WorkerService/GetSwarmCredential',
+            coldswarm_dot_proto_dot_coldswarm__pb2.SwarmCredentialRequest.SerializeToString,
+            coldswarm_dot_proto_dot_coldswarm__pb2.SwarmCredential.FromString,
             options,
             channel_credentials,
             insecure,

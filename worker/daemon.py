@@ -234,6 +234,13 @@ class Worker:
                 dht_initial_peers=list(self.session.dht_initial_peers) if self.session else [],
                 swarm_host_maddrs=list(self.config.swarm_host_maddrs),
                 swarm_announce_maddrs=list(self.config.swarm_announce_maddrs),
+                swarm_identity_path=self.work_dir / "swarm-identity.key",
+                swarm_credential=lambda public_key, aid=assignment.id: self.client.call(
+                    "GetSwarmCredential",
+                    pb.SwarmCredentialRequest(assignment_id=aid, public_key=public_key),
+                    retry=False,
+                    timeout=30,
+                ),
                 on_bad_record="raise" if self.config.strict_data else "skip",
             )
             result = self._run_job(kind, ctx)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +37,11 @@ class JobContext:
     """Where this worker's hivemind peer listens (empty: hivemind's default, all interfaces)."""
     swarm_announce_maddrs: list[str] = field(default_factory=list)
     """Addresses other peers should dial (a public address behind NAT)."""
+    swarm_identity_path: Path | None = None
+    """This worker's hivemind identity key (kept in its work dir: one peer id across assignments)."""
+    swarm_credential: Callable[[bytes], pb.SwarmCredential] | None = None
+    """``public_key -> SwarmCredential``: asks the coordinator to admit this worker's peer to the assignment's
+    swarm (one ``GetSwarmCredential`` call, no retries)."""
     on_bad_record: str = "skip"
     """A malformed record in ``data_dir``: "skip" it (logged with its file and line) or "raise" (the
     assignment fails, naming it)."""

@@ -9,6 +9,10 @@ after training the worker stays in the run, serving its state, until the
 checkpointer announces it has collected it (or ``serve_state_timeout_s``
 passes).
 
+The worker joins the swarm as an admitted peer: the coordinator signs its hivemind identity a short-lived
+credential for the round (:mod:`coldswarm.worker.swarm_credentials`), renewed while the job runs; a refused
+renewal (revoked token, round over) takes it out of the swarm, and the job fails saying so.
+
 Round options (``PretrainTask.hyperparameters_json``) take the
 :class:`~coldswarm.common.round_options.PretrainDataOptions` fields plus any
 :class:`SwarmConfig` field (``lr``, ``matchmaking_time``, ``averaging_timeout``,
@@ -31,6 +35,7 @@ from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.devices import load_seq2seq
 from coldswarm.worker.jobs import Cancelled, JobContext, JobResult
 from coldswarm.worker.swarm import SwarmConfig, SwarmProgress, SwarmTrainer
+from coldswarm.worker.swarm_credentials import SwarmCredentials
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +87,49 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
                 p.samples_per_s,
             )
 
-    with SwarmTrainer(model, config, on_progress=on_progress) as trainer:
-        stop_watch = threading.Thread(target=lambda: (ctx.cancel.wait(), trainer.stop()), daemon=True)
-        stop_watch.start()
-        result = trainer.train(batches)
-        if result.reason == "stopped" and (ctx.stopping.is_set() or result.epoch == 0):
-            raise Cancelled(f"stopped at local step {result.steps} (epoch {result.epoch})")
-        if result.reason == "stopped":
-            # The coordinator closed the round early (admin or deadline): what the swarm has is its result.
-            log.info("round closed at epoch %d: serving the swarm's state to the checkpointer", result.epoch)
-        ctx.progress.update(phase="serving_state")
-        collected = trainer.serve_state(timeout=data.serve_state_timeout_s, until=ctx.stopping)
-        if not collected and not ctx.stopping.is_set():
-            log.warning(
-                "the checkpointer did not collect run %s (the round ended without it, or %.0fs passed)",
-                task.run_id,
-                data.serve_state_timeout_s,
+    # Admission: the coordinator signs this worker's hivemind identity a short-lived credential for the round;
+    # without one no peer of the swarm answers it. Renewed in the background while the job runs.
+    if ctx.swarm_credential is None or ctx.swarm_identity_path is None:
+        raise ValueError("a pretrain job needs a swarm credential from the coordinator (GetSwarmCredential)")
+    credentials = SwarmCredentials(
+        ctx.swarm_credential, ctx.swarm_identity_path, ctx.scratch_dir / "swarm.credential", task.run_id
+    )
+    security = credentials.obtain()
+    log.info("admitted to run %s's swarm until %.0f", task.run_id, credentials.expires_at)
+    try:
+        with SwarmTrainer(model, config, on_progress=on_progress, security=security) as trainer:
+            # Out of the swarm (credential expired unrenewed): stop training, and serving too.
+            leave = threading.Event()
+            threading.Thread(target=lambda: (ctx.stopping.wait(), leave.set()), daemon=True).start()
+            credentials.start(
+                on_renewed=trainer.publish_credential, on_lost=lambda: (leave.set(), trainer.stop())
             )
+            result, collected = _train_and_serve(ctx, task, data, trainer, batches, credentials, leave)
+    finally:
+        credentials.stop()
     metrics = {f"swarm_{k}": v for k, v in result.as_metrics().items()}
     metrics["collected"] = float(collected)
     return JobResult(num_examples=result.samples, metrics=metrics)
+
+
+def _train_and_serve(ctx: JobContext, task, data, trainer: SwarmTrainer, batches, credentials, leave):
+    """Train until the swarm is done, then serve the state until the checkpointer collected it (or ``leave``)."""
+    stop_watch = threading.Thread(target=lambda: (ctx.cancel.wait(), trainer.stop()), daemon=True)
+    stop_watch.start()
+    result = trainer.train(batches)
+    if credentials.lost:
+        raise RuntimeError(f"left run {task.run_id}'s swarm at epoch {result.epoch}: {credentials.lost}")
+    if result.reason == "stopped" and (ctx.stopping.is_set() or result.epoch == 0):
+        raise Cancelled(f"stopped at local step {result.steps} (epoch {result.epoch})")
+    if result.reason == "stopped":
+        # The coordinator closed the round early (admin or deadline): what the swarm has is its result.
+        log.info("round closed at epoch %d: serving the swarm's state to the checkpointer", result.epoch)
+    ctx.progress.update(phase="serving_state")
+    collected = trainer.serve_state(timeout=data.serve_state_timeout_s, until=leave)
+    if not collected and not ctx.stopping.is_set():
+        log.warning(
+            "the checkpointer did not collect run %s (the round ended without it, or %.0fs passed)",
+            task.run_id,
+            data.serve_state_timeout_s,
+        )
+    return result, collected

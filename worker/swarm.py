@@ -62,7 +62,9 @@ import torch
 
 from coldswarm.common.options import refuse_unknown
 from coldswarm.swarm.averaging_codecs import make_compression, register_safe_codecs
+from coldswarm.swarm.credentials import owner_marker
 from coldswarm.swarm.dht import start_dht
+from coldswarm.swarm.guarded_averagers import AveragerGuard
 from coldswarm.swarm.parameters import swarm_parameters
 from coldswarm.swarm.records import (
     ENDED_UNCOLLECTED,
@@ -70,8 +72,10 @@ from coldswarm.swarm.records import (
     collected_key,
     metrics_key,
     metrics_record,
-    run_validator,
+    run_validators,
 )
+from coldswarm.swarm.robust import AGGREGATORS, RobustAggregation
+from coldswarm.swarm.security import PeerSecurity
 from coldswarm.swarm.sigint import preserve_sigint
 from coldswarm.worker.optimizers import optimizer_factory, scheduler_factory
 
@@ -167,6 +171,17 @@ class SwarmConfig:
         default=5.0, metadata={"help": "publish this peer's metrics every N seconds"}
     )
     verbose: bool = field(default=False, metadata={"help": "hivemind logs each averaging event at INFO"})
+    aggregator: str = field(
+        default="centered_clip",
+        metadata={"help": "how each reducer aggregates the parts it receives (swarm.robust.AGGREGATORS)"},
+    )
+    max_state_jump: float = field(
+        default=0.5,
+        metadata={
+            "help": "refuse a downloaded state whose parameters moved more than this (relative L2) from this "
+            "peer's own (the checkpointer: from the round's base); 0 disables"
+        },
+    )
 
     def __post_init__(self):
         if self.matchmaking_time <= self.request_timeout:
@@ -180,6 +195,10 @@ class SwarmConfig:
             raise ValueError("target_batch_size must be positive")
         if "." in self.run_id or not self.run_id:
             raise ValueError("run_id must be a non-empty string without '.' (it prefixes DHT keys)")
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator {self.aggregator!r}; choose one of {sorted(AGGREGATORS)}")
+        if not self.max_state_jump >= 0:
+            raise ValueError("max_state_jump must be >= 0 (0 disables the check)")
 
     @classmethod
     def from_task(cls, task, hyperparameters: Mapping | None = None, **overrides) -> SwarmConfig:
@@ -230,9 +249,14 @@ class SwarmResult:
     samples_per_s: float
     local_fallbacks: int  # see SwarmProgress.local_fallbacks
     reason: str  # "max_epochs" | "max_steps" | "exhausted" | "stopped"
+    #: what this peer's averagers refused: callers without a credential, received parts, reducers' results,
+    #: downloaded states (GuardedAveragerMixin.guard_stats, summed over both averagers)
+    refusals: dict[str, int] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
-        return {k: float(v) for k, v in asdict(self).items() if k != "reason"}
+        metrics = {k: float(v) for k, v in asdict(self).items() if k not in ("reason", "refusals")}
+        metrics.update({f"refused_{k}": float(v) for k, v in self.refusals.items()})
+        return metrics
 
 
 def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
@@ -257,6 +281,14 @@ class SwarmTrainer:
     :param dht: an already running ``hivemind.DHT`` to use instead of starting one (not shut down by us).
     :param grad_compression: a hivemind ``CompressionBase`` to use instead of ``config.grad_compression``
       (``benchmarks/swarm.py`` wraps one in ``ByteCountingCompression``).
+    :param security: this peer's identity, the coordinator's public key and its credential
+      (:class:`~coldswarm.swarm.security.PeerSecurity`): the DHT then speaks only with admitted peers, records
+      are signed and checked, and the averagers serve only admitted callers. None: an *open* swarm, anyone
+      may join (benchmarks and private experiments; the worker daemon always passes one). A ``dht`` passed
+      in must have been started with ``security.dht_kwargs()``.
+    :param guard: use the guarded averagers (:mod:`coldswarm.swarm.guarded_averagers`: finite parts only,
+      ``config.aggregator``, screened results, checked state downloads). False: hivemind's own, unguarded
+      (the benchmark's baseline).
 
     Life cycle: :meth:`start` (or ``with``) joins the DHT and syncs with the swarm; :meth:`train` runs until
     a stop condition; :meth:`serve_state` keeps serving downloads for the checkpointer; :meth:`shutdown`.
@@ -273,9 +305,13 @@ class SwarmTrainer:
         loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
         dht=None,
         grad_compression=None,
+        security: PeerSecurity | None = None,
+        guard: bool = True,
     ):
         self.model = model
         self.config = config
+        self.security = security
+        self.guard = guard
         self.on_progress = on_progress
         self.loss_fn = loss_fn or _default_loss
         self.dht = dht
@@ -303,28 +339,81 @@ class SwarmTrainer:
 
     def start(self) -> SwarmTrainer:
         """Join the DHT, create the hivemind optimizer, and download the swarm's state if it is ahead of us."""
-        from hivemind import Optimizer
+        from hivemind.utils.crypto import RSAPrivateKey
 
         if self.optimizer is not None:
             return self
         cfg = self.config
         register_safe_codecs()  # before the averagers fork their processes
         self.model.to(cfg.device)
+        security = self.security
+        # The key this peer signs its records with: its identity with security on, a fresh one in an open swarm.
+        self._signing_key = security.private_key if security is not None else RSAPrivateKey()
         if self.dht is None:
-            self.dht = start_dht(cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode)
-        self.dht.add_validators([run_validator(cfg.run_id)])  # this peer stores only well-formed run records
+            if security is not None:
+                kwargs = security.dht_kwargs()
+            else:
+                from hivemind.dht.crypto import RSASignatureValidator
+
+                kwargs = dict(record_validators=[RSASignatureValidator(self._signing_key)])
+            self.dht = start_dht(
+                cfg.initial_peers, cfg.host_maddrs, cfg.announce_maddrs, cfg.client_mode, **kwargs
+            )
+        # This peer stores only well-formed, signed, authorised run records.
+        self.dht.add_validators(
+            run_validators(cfg.run_id, security.authority_public_key if security else None)
+        )
+        if security is not None and not security.publish_credential(self.dht, cfg.run_id):
+            raise RuntimeError("could not publish this peer's swarm credential on the DHT")
         params = [param for _, param in swarm_parameters(self.model)]
         with preserve_sigint():
-            self.optimizer = self._make_optimizer(Optimizer, params)
+            self.optimizer = self._make_optimizer(params)
         self._watch_local_fallbacks(self.optimizer)
         self.sync_with_swarm()
         return self
 
-    def _make_optimizer(self, Optimizer, params):
+    def _averager_guard(self, max_state_jump: float | None) -> AveragerGuard:
+        cfg = self.config
+        return AveragerGuard(
+            admitted=self.security.admitted(cfg.run_id) if self.security is not None else None,
+            aggregation=RobustAggregation(aggregator=cfg.aggregator),
+            max_state_jump=max_state_jump or None,
+        )
+
+    def _make_optimizer(self, params):
+        from hivemind import Optimizer
         from hivemind.optim.grad_averager import GradientAverager
 
+        from coldswarm.swarm.guarded_averagers import GuardedGradientAverager, GuardedTrainingStateAverager
+
         cfg = self.config
-        return Optimizer(
+        grad_averager = GradientAverager
+        optimizer_class = Optimizer
+        if self.guard:
+            grad_averager = functools.partial(GuardedGradientAverager, guard=self._averager_guard(None))
+            state_guard = self._averager_guard(cfg.max_state_jump)
+
+            class GuardedOptimizer(Optimizer):  # hivemind.Optimizer takes no factory for its state averager
+                def _make_state_averager(self, **kwargs):
+                    return GuardedTrainingStateAverager(
+                        guard=state_guard,
+                        dht=self.dht,
+                        prefix=f"{self.run_id}_state_averager",
+                        min_matchmaking_time=self.matchmaking_time,
+                        allreduce_timeout=self.allreduce_timeout,
+                        shutdown_timeout=self.shutdown_timeout,
+                        offload_optimizer=self.offload_optimizer,
+                        custom_gradients=self.offload_optimizer,
+                        status_loglevel=self.status_loglevel,
+                        next_chunk_timeout=self.next_chunk_timeout,
+                        client_mode=self.client_mode,
+                        auxiliary=self.auxiliary,
+                        start=True,
+                        **kwargs,
+                    )
+
+            optimizer_class = GuardedOptimizer
+        return optimizer_class(
             dht=self.dht,
             run_id=cfg.run_id,
             target_batch_size=cfg.target_batch_size,
@@ -347,8 +436,9 @@ class SwarmTrainer:
             # hivemind 1.1.12 forwards averager_opts to the state averager only (despite its docstring): the
             # gradient averager would keep the 3 s default request_timeout, so give it its own factory.
             averager_opts=dict(request_timeout=cfg.request_timeout),
-            grad_averager_factory=functools.partial(GradientAverager, request_timeout=cfg.request_timeout),
-            tracker_opts=dict(metadata_expiration=cfg.peer_expiration),
+            grad_averager_factory=functools.partial(grad_averager, request_timeout=cfg.request_timeout),
+            # The progress records are signed with the same key as ours (the DHT's one signature validator).
+            tracker_opts=dict(metadata_expiration=cfg.peer_expiration, private_key=self._signing_key),
             verbose=cfg.verbose,
         )
 
@@ -384,6 +474,23 @@ class SwarmTrainer:
             opt.load_state_from_peers()
             self.loaded_state_from_peers = True
         return self.loaded_state_from_peers
+
+    def publish_credential(self) -> bool:
+        """Publish this peer's current credential again (after its renewal), so that other peers' averagers keep
+        admitting it; False in an open swarm or when it could not be stored."""
+        if self.security is None or self.dht is None:
+            return False
+        return self.security.publish_credential(self.dht, self.config.run_id)
+
+    def guard_stats(self) -> dict[str, int]:
+        """What this peer's guarded averagers refused so far (callers, parts, results, states); empty unguarded."""
+        totals: dict[str, int] = {}
+        if self.optimizer is not None:
+            for averager in (self.optimizer.state_averager, self.optimizer.grad_averager):
+                stats = getattr(averager, "guard_stats", None)
+                for key, value in (stats() if stats else {}).items():
+                    totals[key] = totals.get(key, 0) + value
+        return totals
 
     def stop(self) -> None:
         """Ask :meth:`train` to return at the next step boundary (thread- and signal-safe)."""
@@ -456,6 +563,7 @@ class SwarmTrainer:
             samples_per_s=self._samples / max(self._train_seconds, 1e-9),
             local_fallbacks=self.local_fallbacks,
             reason=reason,
+            refusals=self.guard_stats(),
         )
 
     def _step(self, opt, batch: Mapping[str, torch.Tensor]) -> None:
@@ -518,7 +626,8 @@ class SwarmTrainer:
         until = self._stop if until is None else until
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not until.is_set():
-            collected = collected_epoch(self.dht.get(collected_key(self.config.run_id), latest=True))
+            found = self.dht.get(collected_key(self.config.run_id), latest=True)
+            collected = collected_epoch(found, self.security.authority_public_key if self.security else None)
             if collected is not None:
                 return collected != ENDED_UNCOLLECTED
             until.wait(poll)
@@ -548,7 +657,7 @@ class SwarmTrainer:
         )
         stored = self.dht.store(
             metrics_key(self.config.run_id),
-            subkey=str(self.dht.peer_id),
+            subkey=owner_marker(self._signing_key.get_public_key().to_bytes()),  # signed by us, ours only
             value=value,
             expiration_time=get_dht_time() + 3600,
             return_future=True,

@@ -36,18 +36,38 @@ def test_dht_peer_handed_out_and_failed_collection_is_reported(make_harness):
     # A cancelled round too: its peers serving state are told on the DHT that nothing will be collected.
     cancelled = h.admin.OpenRound(pb.OpenRoundRequest(kind="pretrain"), metadata=h.amd)
     assert h.admin.CloseRound(pb.CloseRoundRequest(cancel=True), metadata=h.amd).state == "cancelled"
-    from coldswarm.swarm.dht import start_dht
-    from coldswarm.swarm.records import ENDED_UNCOLLECTED, collected_key
+    from hivemind.utils import get_dht_time
 
-    peer = start_dht(initial_peers=peers, client_mode=True)
+    from coldswarm.swarm.authorizer import CredentialFile
+    from coldswarm.swarm.credentials import ROLE_WORKER, load_or_create_identity
+    from coldswarm.swarm.dht import start_dht
+    from coldswarm.swarm.records import ENDED_UNCOLLECTED, collected_epoch, collected_key
+    from coldswarm.swarm.security import PeerSecurity
+
+    # Only an admitted peer may read the swarm's DHT: sign a reader a credential with the coordinator's key.
+    authority = h.running.collector.ckpt.authority
+    key_path = h.app.config.data_dir.parent / "reader.key"
+    credential = authority.issue(
+        load_or_create_identity(key_path).get_public_key().to_bytes(),
+        role=ROLE_WORKER,
+        run_id=rnd.run_id,
+        worker_id="reader",
+        expires_at=get_dht_time() + 600,
+    )
+    source = CredentialFile(key_path.with_suffix(".credential"))
+    source.write(credential)
+    reader = PeerSecurity(key_path, authority.public_key_bytes, source)
+    peer = start_dht(initial_peers=peers, client_mode=True, **reader.dht_kwargs())
     try:
         for run_id in (rnd.run_id, cancelled.run_id):
             # The round's state changes before the announcement is stored: poll rather than read once.
-            deadline, found = time.monotonic() + 30, None
-            while (found is None or found.value != ENDED_UNCOLLECTED) and time.monotonic() < deadline:
-                found = peer.get(collected_key(run_id), latest=True)
+            deadline, epoch = time.monotonic() + 30, None
+            while epoch != ENDED_UNCOLLECTED and time.monotonic() < deadline:
+                epoch = collected_epoch(
+                    peer.get(collected_key(run_id), latest=True), authority.public_key_bytes
+                )
                 time.sleep(0.2)
-            assert found is not None and found.value == ENDED_UNCOLLECTED, run_id
+            assert epoch == ENDED_UNCOLLECTED, run_id
     finally:
         peer.shutdown()
 

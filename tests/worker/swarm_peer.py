@@ -12,6 +12,9 @@ into ``--out``:
 * ``final.safetensors`` and ``result.json`` after training;
 then keeps serving its state (``--serve``) until the checkpointer announces collection or it is killed.
 Random batches are a legitimate test of averaging: the mechanism does not care what the loss means.
+
+It joins as an admitted peer, with the identity, credential and authority that :func:`admit` prepared (what
+the worker daemon gets from the coordinator over gRPC), unless ``--open`` (an open swarm).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from coldswarm.swarm.authorizer import CredentialFile
+from coldswarm.swarm.credentials import ROLE_WORKER, load_or_create_identity
 from coldswarm.swarm.parameters import swarm_parameters
+from coldswarm.swarm.security import PeerSecurity
 from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer
 
 # Run as a script, this file's folder is on sys.path but tests/ (support's home) is not.
@@ -45,6 +51,32 @@ PEER_T5 = dict(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, nu
 
 def tiny_t5(seed: int):
     return support.tiny_t5(seed, **PEER_T5)
+
+
+def admit(authority, out: Path, run_id: str, lifetime_s: float = 3600.0, worker_id: str = "") -> list[str]:
+    """Make a peer's identity in ``out`` and sign it a credential for ``run_id`` with ``authority`` (the
+    checkpointer's): the arguments that make ``swarm_peer.py`` join as an admitted peer."""
+    from hivemind.utils import get_dht_time
+
+    out.mkdir(parents=True, exist_ok=True)
+    key = load_or_create_identity(out / "identity.key")
+    credential = authority.issue(
+        key.get_public_key().to_bytes(),
+        role=ROLE_WORKER,
+        run_id=run_id,
+        worker_id=worker_id or out.name.replace(".", "-"),
+        expires_at=get_dht_time() + lifetime_s,
+    )
+    CredentialFile(out / "credential").write(credential)
+    (out / "authority.pub").write_bytes(authority.public_key_bytes)
+    return [
+        "--identity",
+        str(out / "identity.key"),
+        "--credential",
+        str(out / "credential"),
+        "--authority",
+        str(out / "authority.pub"),
+    ]
 
 
 def batches(seed: int, batch_size: int, src_len: int = 24, tgt_len: int = 12):
@@ -99,6 +131,11 @@ def main(argv=None) -> int:
     ap.add_argument("--join-file", default="", help="import and build everything, then join once this exists")
     ap.add_argument("--wait-file", default="", help="after joining, wait for this file before training")
     ap.add_argument("--serve", type=float, default=0.0, help="serve state this many seconds after training")
+    ap.add_argument("--identity", default="", help="this peer's identity key file (see admit())")
+    ap.add_argument("--credential", default="", help="its credential file")
+    ap.add_argument("--authority", default="", help="the authority's public key file")
+    ap.add_argument("--max-state-jump", type=float, default=0.5)
+    ap.add_argument("--aggregator", default="centered_clip")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)  # several peers share a small machine; oversubscribed threads only thrash
@@ -121,7 +158,14 @@ def main(argv=None) -> int:
         peer_expiration=20.0,
         metrics_period=1.0,
         verbose=args.verbose,
+        max_state_jump=args.max_state_jump,
+        aggregator=args.aggregator,
     )
+    security = None
+    if args.identity:
+        security = PeerSecurity(
+            args.identity, Path(args.authority).read_bytes(), CredentialFile(args.credential)
+        )
     epoch0_steps = 0
     reached_epoch1 = False
     seen_epochs = set()
@@ -145,7 +189,7 @@ def main(argv=None) -> int:
             trainer.stop()
 
     wait_for_file(args.join_file)
-    trainer = SwarmTrainer(model, config, on_progress=on_progress)
+    trainer = SwarmTrainer(model, config, on_progress=on_progress, security=security)
     with trainer:
         seen_epochs.add(trainer.epoch)
         write_tensors(out / "joined.safetensors", params_of(model))
@@ -184,6 +228,7 @@ def main(argv=None) -> int:
                 loss=result.loss,
                 reason=result.reason,
                 local_fallbacks=result.local_fallbacks,
+                refusals=result.refusals,
                 seconds=result.seconds,
                 epoch0_steps=epoch0_steps,
                 epoch0_samples=epoch0_steps * args.batch_size,
