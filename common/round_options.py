@@ -48,6 +48,7 @@ ROUND_OPTION_KEYS: dict[str, dict[str, str]] = {
         "codec": "the codec workers encode their contribution with",
         "shard_prefix": "which data shards name: default (the embedded tasks) or local (the worker's own)",
         "merge": "the merge's own options (the method's config fields and the merge driver's)",
+        "gate": "the publication gate: policy, metric, tolerance, higher_is_better (the coordinator's)",
     },
     "pretrain": {
         "epochs": "optimizer epochs the round trains for",
@@ -56,6 +57,7 @@ ROUND_OPTION_KEYS: dict[str, dict[str, str]] = {
         "corpus_prefix": "which corpus shards name (default corpus)",
         "collect_timeout_s": "seconds the checkpointer tries to collect the swarm's state (default 120)",
         "hyperparameters": "the PretrainDataOptions fields and the worker's SwarmConfig fields",
+        "gate": "the publication gate: policy, metric, tolerance, higher_is_better (the coordinator's)",
     },
 }
 #: the largest ``epochs`` / ``target_batch_size`` (PretrainTask carries them as uint32)
@@ -237,7 +239,7 @@ def _top_level(kind: str, options: Mapping[str, Any]) -> None:
     """The keys ``options`` may have for ``kind`` (:data:`ROUND_OPTION_KEYS`) and the shapes of the
     generic ones; the schemas below check what is inside."""
     refuse_unknown(options, ROUND_OPTION_KEYS[kind], f"{kind} round option(s)")
-    for key in ("hyperparameters", "merge"):
+    for key in ("hyperparameters", "merge", "gate"):
         if key in options and not isinstance(options[key], dict):
             raise ValueError(f"{key} must be a JSON object, not {type(options[key]).__name__}")
     if kind == "fusion":

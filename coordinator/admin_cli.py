@@ -216,7 +216,7 @@ def render(args, msg) -> str:
     return str(msg)
 
 
-_VERSION_HEADERS = ["", "VERSION", "PARENT", "ROUND", "METHOD", "STATE", "FILES", "BYTES", "CREATED"]
+_VERSION_HEADERS = ["", "VERSION", "PARENT", "ROUND", "METHOD", "STATE", "FILES", "BYTES", "CREATED", "GATE"]
 _ROUND_HEADERS = [
     "ID",
     "KIND",
@@ -243,7 +243,19 @@ def _version_row(v) -> list:
         len(v.files),
         sum(f.size for f in v.files),
         _when(v.created_at),
+        _gate(v.manifest_json),
     ]
+
+
+def _gate(manifest_json: str) -> str:
+    """The publication gate's verdict on a version, from its manifest."""
+    from coldswarm.coordinator.publication_gate import summary
+
+    try:
+        manifest = json.loads(manifest_json or "{}")
+    except ValueError:
+        return "-"
+    return summary(manifest.get("gate") if isinstance(manifest, dict) else None)
 
 
 def _round_row(r) -> list:
@@ -342,7 +354,7 @@ def run(args, stub, md) -> object:
     if cmd == "rollback":
         return stub.Rollback(pb.RollbackRequest(version=args.version), metadata=md, timeout=t)
     if cmd == "plot":
-        return plot(args, stub.ListVersions(pb.ListVersionsRequest(), metadata=md, timeout=t))
+        return plot(args, listing("ListVersions", pb.ListVersionsRequest(), "versions"))
     if cmd == "download":
         report = download_version(stub, args.version, args.out, metadata=md)
         return {
@@ -360,19 +372,7 @@ def plot(args, listing: pb.ListVersionsResponse) -> dict:
     from coldswarm.coordinator import lineage
     from coldswarm.coordinator.lineage_plot import write_png
 
-    entries = [
-        lineage.entry(
-            number=v.number,
-            parent=_opt(v, "parent"),
-            round_id=_opt(v, "round_id"),
-            method=v.method,
-            state=v.state,
-            is_current=v.is_current,
-            created_at=v.created_at,
-            manifest=v.manifest_json,
-        )
-        for v in listing.versions
-    ]
+    entries = [lineage.from_version(v) for v in listing.versions]
     current = next((e.number for e in entries if e.is_current), None)
     try:
         charts = write_png(
@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         return _failed(args, "ERROR", str(exc))
     if args.json:
         data = result if isinstance(result, dict) else MessageToDict(result, preserving_proto_field_name=True)
+        if isinstance(result, pb.ListVersionsResponse):
+            data = _with_lineage(result, data)
         print(json.dumps(data, indent=2, sort_keys=True))
     elif isinstance(result, dict) and "plot" in result:
         print(
@@ -433,6 +435,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(render(args, result))
     return 0
+
+
+def _with_lineage(listing: pb.ListVersionsResponse, data: dict) -> dict:
+    """``--json versions``: each version as the wire has it (files, manifest_json) plus its lineage fields
+    (kind, state, flat metrics, gate: the document ``coldswarm-local`` writes as ``versions.json``)."""
+    from coldswarm.coordinator import lineage
+
+    entries = lineage.document(listing.versions)["versions"]
+    return {
+        "versions": [{**wire, **entry} for wire, entry in zip(data.get("versions", []), entries, strict=True)]
+    }
 
 
 def _failed(args, code: str, message: str) -> int:

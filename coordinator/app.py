@@ -163,7 +163,10 @@ class Coordinator:
             publish=True,
             # Every worker reads this manifest: it says where version 0 came from without naming a
             # directory of the coordinator's machine.
-            extra={"source": source or "a model directory given to the coordinator (--base-model)"},
+            extra={
+                "source": source or "a model directory given to the coordinator (--base-model)",
+                **self.merges.evaluated_by(),
+            },
         )
         log.info("version 0 created from %s", model_dir)
         return row

@@ -83,6 +83,13 @@ class CoordinatorConfig:
     auto_publish: bool = _opt(
         True, "Publish a round's merged version at once (else it stays a candidate until `publish`)."
     )
+    publish_policy: str = _opt(
+        "if-better",
+        "Publication gate of rounds whose options name none: if-better publishes a result only if its gate "
+        "metric is no worse than its parent's (needs --evaluator; without one every result is published), "
+        "always publishes every result. A round's gate option overrides it (coordinator/README.md, "
+        "'The publication gate').",
+    )
     evaluator: str = _opt(
         "",
         "Optional 'module:function' called as function(version_dir) -> metrics dict after a merge "

@@ -184,6 +184,34 @@ def entry(
     )
 
 
+def from_version(v, worker_of: Mapping[int, str] | None = None) -> LineageEntry:
+    """The entry of a ``Version`` message (``pb.Version``, as ListVersions sends it)."""
+    return entry(
+        number=v.number,
+        parent=v.parent if v.HasField("parent") else None,
+        round_id=v.round_id if v.HasField("round_id") else None,
+        method=v.method,
+        state=v.state,
+        is_current=v.is_current,
+        created_at=v.created_at,
+        manifest=v.manifest_json,
+        worker_of=worker_of,
+    )
+
+
+def document(versions) -> dict:
+    """The lineage as data, ``{"versions": [...]}``: per version its number, parent, round and kind, method,
+    state (published, candidate or rejected), every evaluation metric (flat, by dotted path) and the
+    publication gate's record. ``coldswarm-local`` writes it as ``versions.json``; ``coldswarm-admin --json
+    versions`` prints the same fields (with the wire's). ``versions``: ``pb.Version`` messages."""
+    out = []
+    for v in versions:
+        item = from_version(v).as_dict(with_contributors=False)
+        del item["contributors"]  # the admin's alone; this document may be shared
+        out.append(item)
+    return {"versions": out}
+
+
 def style(state: str, is_current: bool) -> dict:
     """How a version's point is drawn."""
     base = dict(STATE_STYLE.get(state, OTHER_STATE_STYLE))

@@ -29,7 +29,9 @@ import grpc
 
 from coldswarm.common import cli_args
 from coldswarm.common.channel import open_channel
-from coldswarm.coordinator.states import RoundKind, RoundState, WorkerState
+from coldswarm.common.durable import atomic_write_bytes
+from coldswarm.coordinator import lineage, publication_gate
+from coldswarm.coordinator.states import RoundKind, RoundState, VersionState, WorkerState
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -307,7 +309,9 @@ class LocalCluster:
             self._check_alive()
             rounds = self.admin.ListRounds(pb.ListRoundsRequest(), metadata=self.metadata).rounds
             current = next(r for r in rounds if r.id == opened.id)
-            if current.state == RoundState.PUBLISHED and current.HasField("result_version"):
+            # Published, or held back by the publication gate (rejected): either way the round's version.
+            done = current.state in (RoundState.PUBLISHED, RoundState.REJECTED, RoundState.MERGED)
+            if done and current.HasField("result_version"):
                 return self.admin.GetVersion(
                     pb.GetVersionRequest(version=str(current.result_version)), metadata=self.metadata
                 )
@@ -337,6 +341,15 @@ class LocalCluster:
     def version(self, ref: str) -> pb.Version:
         return self.admin.GetVersion(pb.GetVersionRequest(version=ref), metadata=self.metadata)
 
+    def write_versions_json(self) -> Path:
+        """``<run dir>/versions.json``: the lineage as data (the document ``coldswarm-admin --json versions``
+        prints), written atomically; returns its path."""
+        listing = self.admin.ListVersions(pb.ListVersionsRequest(), metadata=self.metadata)
+        path = self.config.run_dir / "versions.json"
+        text = json.dumps(lineage.document(listing.versions), indent=2) + "\n"
+        atomic_write_bytes(path, text.encode(), mode=0o644)
+        return path
+
 
 def _fmt(value) -> str:
     if value is None:
@@ -352,18 +365,34 @@ def summarise(version: pb.Version) -> dict:
     mod_mean = sum(mod.values()) / len(mod) if isinstance(mod, dict) and mod else mod
     return {
         "version": version.number,
+        "parent": version.parent if version.HasField("parent") else None,
+        "state": version.state,
         "round": manifest.get("kind", version.method),
         "method": version.method,
         # A pretrain version's contributors are the admitted workers whose signed records the checkpointer read.
         "contributions": len(manifest.get("contributions", []) or manifest.get("swarm_participants", [])),
         "mod_loss": mod_mean,
+        "seen_loss": metrics.get("seen_token_loss"),
         "seen_em": metrics.get("seen_exact_match"),
         "heldout_em": metrics.get("heldout_exact_match"),
+        "gate": publication_gate.summary(manifest.get("gate")),
     }
 
 
 def print_table(rows: list[dict]) -> None:
-    headers = ["version", "round", "method", "contributions", "mod_loss", "seen_em", "heldout_em"]
+    headers = [
+        "version",
+        "parent",
+        "state",
+        "round",
+        "method",
+        "contributions",
+        "mod_loss",
+        "seen_loss",
+        "seen_em",
+        "heldout_em",
+        "gate",
+    ]
     cells = [[_fmt(r.get(h)) for h in headers] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
@@ -395,10 +424,16 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         rows.append(summarise(cluster.version("latest")))
         print_table(rows)
+        cluster.write_versions_json()
         for kind in [RoundKind.PRETRAIN] * config.pretrain_rounds + [RoundKind.FUSION] * config.fusion_rounds:
             rows.append(summarise(cluster.run_round(kind)))
             print()
             print_table(rows)
+            cluster.write_versions_json()
+        held = [r["version"] for r in rows if r["state"] == VersionState.REJECTED]
+        if held:
+            print(f"held back by the publication gate (worse than their parent): versions {held}")
+        print(f"the lineage as data: {config.run_dir / 'versions.json'}")
         latest = cluster.version("latest")
         out = (config.run_dir / f"coldswarm-v{latest.number}").resolve()
         command = cluster.download("latest", out)

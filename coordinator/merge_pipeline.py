@@ -9,8 +9,9 @@ Each merge goes through the same steps, one method each:
    fusion's method registry (:mod:`coldswarm.coordinator.merge`), into a temp dir;
 2. :meth:`MergePipeline.evaluate` — the configured evaluator (``--evaluator
    module:function``, loaded by :func:`load_evaluator`), if any;
-3. :meth:`MergePipeline._publishes` — whether the candidate becomes the published
-   version: the one place a publication gate decides;
+3. :meth:`MergePipeline.judge` — the publication gate (:mod:`coldswarm.coordinator.publication_gate`):
+   the candidate's scores against its parent's, by the round's ``gate`` option; the one place that
+   decides whether a result is published, for fusion merges and pretrain results alike;
 4. :meth:`MergePipeline._record_merge` — one transaction records the version, marks the
    round and its contributions.
 
@@ -37,8 +38,9 @@ from coldswarm.coordinator.config import CoordinatorConfig
 from coldswarm.coordinator.contributions import ContributionRow, Contributions
 from coldswarm.coordinator.errors import FailedPrecondition, InvalidArgument
 from coldswarm.coordinator.limits import parse_json_object
+from coldswarm.coordinator.publication_gate import GateDecision, PublishPolicy, decide
 from coldswarm.coordinator.rounds import RoundRow, RoundStateMachine
-from coldswarm.coordinator.states import REMERGEABLE_STATES, RoundKind, VersionKind
+from coldswarm.coordinator.states import REMERGEABLE_STATES, RoundKind, RoundState, VersionKind
 from coldswarm.coordinator.versions import VersionRow, VersionStore
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,9 @@ class MergePipeline:
         self.contributions = contributions
         self.config = config
         self.evaluator = load_evaluator(config.evaluator)
+        # version -> this evaluator's metrics of it: the gate's parent scores, on the same examples as the
+        # candidate's. Filled as versions are recorded; a version recorded before a restart is scored again.
+        self._scores: dict[int, dict] = {}
         self._merge_lock = threading.Lock()  # one merge at a time (memory)
         # Called with ("merge" | "evaluate", seconds) after each step, e.g. by the Prometheus metrics.
         self.on_stage_seconds: list[Callable[[str, float], None]] = []
@@ -179,9 +184,9 @@ class MergePipeline:
                     # lands mid-merge, after the weights are written but before anything is recorded.
                     time.sleep(self.config.merge_delay_s)
                 metrics = self.evaluate(out)
-                publish = round_result and self._publishes(rnd, metrics)
+                decision = self.judge(rnd, rnd.base_version, metrics)
                 version = self._record_merge(
-                    rnd, method, contributions, out, report, metrics, publish, round_result, t0
+                    rnd, method, contributions, out, report, metrics, decision, round_result, t0
                 )
             finally:
                 shutil.rmtree(work, ignore_errors=True)
@@ -220,13 +225,40 @@ class MergePipeline:
             except Exception:  # a listener's bug must not fail a merge
                 log.exception("stage-seconds listener failed")
 
-    def _publishes(self, rnd: RoundRow, metrics: dict) -> bool:
-        """Whether ``rnd``'s merged candidate, evaluated to ``metrics``, becomes the published version.
+    def judge(self, rnd: RoundRow, parent: int | None, metrics: dict) -> GateDecision:
+        """The publication gate's decision on ``rnd``'s result, evaluated to ``metrics``, against version
+        ``parent`` (scored by the same evaluator; cached). A gate the coordinator cannot honour any more
+        (if-better after a restart without ``--evaluator``) holds the result back, saying why."""
+        try:
+            gate = self.rounds.gate_of(rnd.kind, rnd.options)
+        except InvalidArgument as exc:
+            return GateDecision.held_back(str(exc))
+        if gate.policy == PublishPolicy.ALWAYS:
+            return decide(gate, metrics, None)
+        return decide(gate, metrics, None if parent is None else self.scores_of(parent))
 
-        Today the coordinator's ``auto_publish`` decides (``--no-auto-publish`` keeps every merge a
-        candidate that awaits `publish`). A gate that compares the candidate with its parent decides here.
-        """
-        return self.config.auto_publish
+    def scores_of(self, number: int) -> dict | None:
+        """This evaluator's metrics of version ``number``: those its manifest records if this evaluator
+        (the same ``--evaluator``) scored it, else scored now (once; cached). None without an evaluator."""
+        if self.evaluator is None:
+            return None
+        if number not in self._scores:
+            manifest = json.loads(self.versions.get(number).manifest_json)
+            if manifest.get("evaluated_by") == self.config.evaluator and manifest.get("metrics"):
+                self._scores[number] = manifest["metrics"]
+            else:
+                self._scores[number] = self.evaluate(self.versions.directory(number))
+        return self._scores[number]
+
+    def evaluated_by(self) -> dict:
+        """The manifest field saying which evaluator scored a version's ``metrics`` (none without one): the
+        gate compares a candidate with a parent's stored scores only if the same evaluator made them."""
+        return {"evaluated_by": self.config.evaluator} if self.evaluator is not None else {}
+
+    def _remember(self, version: VersionRow, metrics: dict) -> VersionRow:
+        if self.evaluator is not None and metrics:
+            self._scores[version.number] = metrics
+        return version
 
     def _record_merge(
         self,
@@ -236,20 +268,28 @@ class MergePipeline:
         out: Path,
         report: dict | None,
         metrics: dict,
-        publish: bool,
+        decision: GateDecision,
         round_result: bool,
         started: float,
     ) -> VersionRow:
-        """One transaction: the version, the round's result (when ``round_result``), each contribution's fate."""
+        """One transaction: the version, the round's result (when ``round_result``), each contribution's fate.
+        A round's result that passed the gate is published (unless ``--no-auto-publish``); one that failed is
+        a rejected version and its round ends rejected. A re-merge is a candidate (or rejected) either way."""
         dropped = {str(k) for k in (report or {}).get("dropped", [])}
         screened_out = {c.id for c in contributions if str(c.id) in dropped}
+        publish = round_result and decision.passed and self.config.auto_publish
+        if publish:
+            state = RoundState.PUBLISHED
+        else:
+            state = RoundState.MERGED if decision.passed else RoundState.REJECTED
 
         def mark(c, number: int) -> None:
             if round_result:
-                self.rounds.finish_merge(c, rnd.id, number, published=publish)
+                note = "" if decision.passed else f"held back by the publication gate: {decision.reason}"
+                self.rounds.finish_merge(c, rnd.id, number, state, note)
             self.contributions.mark_merged(c, [x.id for x in contributions], screened_out)
 
-        return self.versions.create(
+        version = self.versions.create(
             out,
             parent=rnd.base_version,
             round_id=rnd.id,
@@ -262,9 +302,16 @@ class MergePipeline:
             ],
             metrics=metrics,
             publish=publish,
-            extra={"merge_report": _jsonable(report), "merge_seconds": round(time.monotonic() - started, 3)},
+            rejected=not decision.passed,
+            extra={
+                **self.evaluated_by(),
+                "merge_report": _jsonable(report),
+                "merge_seconds": round(time.monotonic() - started, 3),
+                "gate": decision.record,
+            },
             on_commit=mark,
         )
+        return self._remember(version, metrics)
 
     # -- results merged elsewhere (the pretrain checkpointer) ------------------------------
 
@@ -283,20 +330,26 @@ class MergePipeline:
         For the pretrain checkpointer: call it with the averaged state written to a
         directory (it is copied into the blob store; the directory may be deleted after).
         With ``round_id`` the version's parent is that round's latest result (or its
-        base), and a round that was ``closing`` becomes ``published``. ``extra`` goes into the manifest (the
-        checkpointer's ``swarm_participants``). Returns the version.
+        base), the round's publication gate decides (:meth:`judge`; ``publish`` False keeps
+        a result that passes a candidate), and a round that was ``closing`` becomes
+        ``published`` or ``rejected``. ``extra``: more manifest fields (the swarm's
+        participants). Returns the version.
         """
         parent = self.versions.current()
         rnd = None
+        decision = None
         if round_id is not None:
             rnd = self.rounds.get(round_id)
             parent = rnd.result_version if rnd.result_version is not None else rnd.base_version
+            decision = self.judge(rnd, parent, metrics or {})
+            publish = publish and decision.passed
 
         def mark(c, number: int) -> None:
             if rnd is not None:
-                self.rounds.record_result(c, rnd, number)
+                held = None if decision.passed else f"held back by the publication gate: {decision.reason}"
+                self.rounds.record_result(c, rnd, number, rejected=held)
 
-        return self.versions.create(
+        version = self.versions.create(
             Path(model_dir),
             parent=parent,
             round_id=round_id,
@@ -304,9 +357,15 @@ class MergePipeline:
             method=method or kind,
             metrics=metrics or {},
             publish=publish,
-            extra=extra,
+            rejected=decision is not None and not decision.passed,
+            extra={
+                **(extra or {}),
+                **self.evaluated_by(),
+                **({"gate": decision.record} if decision is not None else {}),
+            },
             on_commit=mark,
         )
+        return self._remember(version, metrics or {})
 
 
 def _jsonable(value):

@@ -49,6 +49,7 @@ from coldswarm.coordinator.errors import (
     NotFound,
 )
 from coldswarm.coordinator.limits import MAX_DEADLINE_S, MAX_QUORUM, parse_json_object
+from coldswarm.coordinator.publication_gate import GateConfig
 from coldswarm.coordinator.states import (
     LIVE_STATES,
     MERGE_PENDING_STATES,
@@ -57,6 +58,7 @@ from coldswarm.coordinator.states import (
     AssignmentState,
     RoundKind,
     RoundState,
+    VersionState,
 )
 from coldswarm.coordinator.store import Store, placeholders
 from coldswarm.coordinator.versions import RUN_ID, VersionStore
@@ -247,6 +249,8 @@ class RoundStateMachine:
         if kind == RoundKind.PRETRAIN:
             method = RoundKind.PRETRAIN  # the swarm averages; no merge method applies
             check_pretrain_options(options)
+        self.gate_of(kind, options)  # refuses a gate it cannot honour
+        if kind == RoundKind.PRETRAIN:
             if not self.dht_peers():
                 raise FailedPrecondition(
                     "a pretrain round needs a hivemind DHT for its workers to meet in, and this coordinator "
@@ -254,6 +258,19 @@ class RoundStateMachine:
                     "the round's result), or name a running swarm's peers with --dht-peers"
                 )
         return method, options
+
+    def gate_of(self, kind: str, options: dict) -> GateConfig:
+        """The publication gate of a round of ``kind`` with ``options`` (InvalidArgument if it cannot be
+        honoured, e.g. if-better on a coordinator without an evaluator)."""
+        try:
+            return GateConfig.for_round(
+                kind,
+                options,
+                has_evaluator=bool(self.config.evaluator),
+                default_policy=self.config.publish_policy,
+            )
+        except ValueError as exc:
+            raise InvalidArgument(f"{kind} round options: {exc}") from None
 
     # -- closing --------------------------------------------------------------------------
 
@@ -294,6 +311,9 @@ class RoundStateMachine:
         if rnd.kind == RoundKind.FUSION and rnd.contributions == 0:
             return RoundState.FAILED, f"{reason} with no contributions"
         if rnd.kind == RoundKind.PRETRAIN and rnd.result_version is not None:
+            # Collected while open: the round ends as its result's gate decided.
+            if self.versions.get(rnd.result_version).state == VersionState.REJECTED:
+                return RoundState.REJECTED, None
             return RoundState.PUBLISHED, None
         if rnd.kind == RoundKind.PRETRAIN and not self.on_round_closed:
             return RoundState.FAILED, f"{reason}; no pretrain checkpointer is running to record a version"
@@ -360,11 +380,14 @@ class RoundStateMachine:
             c.execute("UPDATE rounds SET state=? WHERE id=?", (RoundState.MERGING, round_id))
         return rnd
 
-    def finish_merge(self, c: sqlite3.Connection, round_id: int, version: int, published: bool) -> None:
-        """In the transaction that records ``version``: the round's merge is its result."""
+    def finish_merge(
+        self, c: sqlite3.Connection, round_id: int, version: int, state: str, note: str = ""
+    ) -> None:
+        """In the transaction that records ``version``: the round's merge is its result, and the round is
+        ``state`` (published, merged or rejected; ``note``: why a rejected one was held back)."""
         c.execute(
-            "UPDATE rounds SET state=?, result_version=?, error='' WHERE id=?",
-            (RoundState.PUBLISHED if published else RoundState.MERGED, version, round_id),
+            "UPDATE rounds SET state=?, result_version=?, error=? WHERE id=?",
+            (state, version, note[:2000], round_id),
         )
 
     def fail_merge(self, round_id: int, error: str) -> None:
@@ -384,12 +407,20 @@ class RoundStateMachine:
         )
         return None if r is None else int(r["id"])
 
-    def record_result(self, c: sqlite3.Connection, rnd: RoundRow, version: int) -> None:
+    def record_result(
+        self, c: sqlite3.Connection, rnd: RoundRow, version: int, rejected: str | None = None
+    ) -> None:
         """In the transaction that records ``version`` for ``rnd`` from outside a merge (the pretrain
-        checkpointer): it is the round's latest result, and a round that was closing is published."""
-        published = rnd.state in (RoundState.CLOSING, RoundState.PUBLISHED)
-        state = RoundState.PUBLISHED if published else rnd.state
-        c.execute("UPDATE rounds SET result_version=?, state=? WHERE id=?", (version, state, rnd.id))
+        checkpointer): it is the round's latest result, and a round that was closing is published, or
+        ``rejected`` (the gate's reason) if the gate held the result back."""
+        if rnd.state in (RoundState.CLOSING, RoundState.PUBLISHED, RoundState.REJECTED):
+            state = RoundState.PUBLISHED if rejected is None else RoundState.REJECTED
+        else:
+            state = rnd.state
+        c.execute(
+            "UPDATE rounds SET result_version=?, state=?, error=? WHERE id=?",
+            (version, state, (rejected or "")[:2000], rnd.id),
+        )
 
     # -- callbacks ------------------------------------------------------------------------
 

@@ -38,6 +38,9 @@ class RoundState(_Constants):
     MERGING = "merging"  # the merge thread is merging its contributions
     PUBLISHED = "published"  # its result is a version and the pointer moved to it
     MERGED = "merged"  # its result is a candidate version that awaits `publish` (--no-auto-publish)
+    REJECTED = (
+        "rejected"  # its result failed the publication gate: a rejected version (`publish N` still can)
+    )
     FAILED = "failed"  # ended without a result; the round's error says why
     CANCELLED = "cancelled"  # ended by `round close --cancel`
 
@@ -47,7 +50,7 @@ LIVE_STATES = (RoundState.OPEN, RoundState.CLOSING, RoundState.MERGING)
 # A fusion round in one of these still has to be merged: after a kill it is merged again at start.
 MERGE_PENDING_STATES = (RoundState.CLOSING, RoundState.MERGING)
 # A fusion round in one of these has finished and may be re-merged into a candidate (admin `merge`).
-REMERGEABLE_STATES = (RoundState.PUBLISHED, RoundState.FAILED, RoundState.MERGED)
+REMERGEABLE_STATES = (RoundState.PUBLISHED, RoundState.FAILED, RoundState.MERGED, RoundState.REJECTED)
 
 
 class AssignmentState(_Constants):
@@ -76,7 +79,7 @@ class VersionState(_Constants):
 
     PUBLISHED = "published"
     CANDIDATE = "candidate"  # recorded, not published (admin `publish` moves the pointer to it)
-    REJECTED = "rejected"  # kept, never deleted, and never published
+    REJECTED = "rejected"  # held back by the publication gate: kept, never deleted; `publish N` still can
 
 
 class WorkerState(_Constants):

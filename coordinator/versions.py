@@ -192,6 +192,7 @@ class VersionStore:
         contributions: list[dict] | None = None,
         metrics: dict | None = None,
         publish: bool = False,
+        rejected: bool = False,
         extra: dict | None = None,
         on_commit=None,
     ) -> VersionRow:
@@ -199,10 +200,13 @@ class VersionStore:
 
         The files become blobs first; then one transaction numbers the version,
         writes its manifest and rows and (when ``publish``) moves the pointer, so a
-        kill at any moment leaves either no version or a complete one.
-        ``on_commit(conn, number)`` runs inside that transaction (e.g. to mark the
+        kill at any moment leaves either no version or a complete one. It is
+        ``published``, a ``candidate``, or (``rejected``: the publication gate held it
+        back) ``rejected``. ``on_commit(conn, number)`` runs inside that transaction (e.g. to mark the
         round that produced the version).
         """
+        if publish and rejected:
+            raise ValueError("a version is published or rejected, not both")
         files = check_model_dir(src_dir)
         stored: dict[str, tuple[int, str]] = {}
         for p in files:
@@ -226,7 +230,13 @@ class VersionStore:
                 manifest.update(extra)
             manifest_json = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
             m_sha, m_size = self.blobs.put_bytes(manifest_json.encode())
-            state = VersionState.PUBLISHED if publish else VersionState.CANDIDATE
+            state = (
+                VersionState.PUBLISHED
+                if publish
+                else VersionState.REJECTED
+                if rejected
+                else VersionState.CANDIDATE
+            )
             c.execute(
                 "INSERT INTO versions(number, run_id, parent, round_id, kind, method, state, manifest_json, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -252,11 +262,9 @@ class VersionStore:
         return self.get(number)
 
     def publish(self, number: int) -> VersionRow:
-        """Move the pointer to ``number`` (a candidate or earlier published version)."""
+        """Move the pointer to ``number``: a candidate, an earlier published version, or one the publication
+        gate rejected (the admin overrides the gate; its record stays in the manifest)."""
         number = self.resolve(number)
-        row = self.get(number)
-        if row.state == VersionState.REJECTED:
-            raise FailedPrecondition(f"version {number} was rejected; publish another version")
         with self.store.tx() as c:
             c.execute("UPDATE versions SET state=? WHERE number=?", (VersionState.PUBLISHED, number))
             c.execute("UPDATE runs SET current_version=? WHERE id=?", (number, RUN_ID))

@@ -50,7 +50,7 @@ def test_evaluator_hook_and_candidates(make_harness, tiny_model, tmp_path, monke
     (tmp_path / "fake_eval.py").write_text(
         "from pathlib import Path\n"
         "def evaluate(d):\n"
-        "    return {'score': 0.5, 'has_weights': (Path(d) / 'model.safetensors').exists()}\n"
+        "    return {'seen_token_loss': 0.5, 'has_weights': (Path(d) / 'model.safetensors').exists()}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     h = make_harness(evaluator="fake_eval:evaluate", auto_publish=False)
@@ -60,7 +60,10 @@ def test_evaluator_hook_and_candidates(make_harness, tiny_model, tmp_path, monke
     assert r.state == "merged", r.error
     v = h.admin.GetVersion(pb.GetVersionRequest(version=str(r.result_version)), metadata=h.amd)
     assert v.state == "candidate" and not v.is_current
-    assert json.loads(v.manifest_json)["metrics"] == {"score": 0.5, "has_weights": True}
+    manifest = json.loads(v.manifest_json)
+    assert manifest["metrics"] == {"seen_token_loss": 0.5, "has_weights": True}
+    # As good as its parent (version 0, the same evaluator's 0.5): it passed the gate, and awaits `publish`.
+    assert manifest["gate"]["passed"] and manifest["evaluated_by"] == "fake_eval:evaluate"
     assert h.admin.Status(pb.StatusRequest(), metadata=h.amd).current_version == 0
     assert h.admin.Publish(pb.PublishRequest(version=v.number), metadata=h.amd).is_current
 

@@ -256,7 +256,7 @@ def test_metrics_parse_with_the_prometheus_parser_and_carry_the_documented_names
     assert value("coldswarm_versions", state="published") == 3
     assert value("coldswarm_published_version") == 2
     assert value("coldswarm_rounds", kind="pretrain", state="published") == 1
-    assert value("coldswarm_rounds", kind="fusion", state="merged") == 1
+    assert value("coldswarm_rounds", kind="fusion", state="rejected") == 1
     assert value("coldswarm_contributions", state="merged") == 4
     assert value("coldswarm_active_workers") == 2 and value("coldswarm_registered_workers") == 2
     assert value("coldswarm_heartbeats") >= 20  # 16 while training, 4 idle

@@ -55,6 +55,7 @@ def test_local_cluster_pretrain_and_fusion_rounds_then_download(tmp_path, proces
         assert (fused.number, fused.parent, fused.method) == (2, 1, "fisher")
         assert len(f_manifest["contributions"]) == 2
         assert {"seen_exact_match", "heldout_exact_match", "mod_loss"} <= set(f_manifest["metrics"])
+        _versions_json_agrees_with_the_manifests(cluster)
 
         out = tmp_path / "download"
         cluster.download("latest", out)  # coldswarm-admin download, as coldswarm-local's last step runs it
@@ -72,6 +73,32 @@ def test_local_cluster_pretrain_and_fusion_rounds_then_download(tmp_path, proces
     assert not [p for p in left if _name(p) not in ("torch_shm_manager", None)], (
         f"processes left behind: {left}"
     )
+
+
+def _versions_json_agrees_with_the_manifests(cluster: LocalCluster) -> None:
+    """``runs/local/versions.json`` (what coldswarm-local writes after every round) says what each version's
+    manifest says: parent, kind, method, state, every metric, the gate's decision."""
+    from coldswarm.coordinator.lineage import flat_metrics
+    from coldswarm.proto import coldswarm_pb2 as pb
+
+    written = json.loads(cluster.write_versions_json().read_text())["versions"]
+    listed = cluster.admin.ListVersions(pb.ListVersionsRequest(), metadata=cluster.metadata).versions
+    assert [e["number"] for e in written] == [v.number for v in listed] == [0, 1, 2]
+    for e, v in zip(written, listed, strict=True):
+        manifest = json.loads(v.manifest_json)
+        assert (e["parent"], e["kind"], e["method"], e["state"]) == (
+            manifest["parent"],
+            manifest["kind"],
+            manifest["method"],
+            v.state,
+        )
+        assert e["metrics"] == flat_metrics(manifest["metrics"]) and "seen_token_loss" in e["metrics"]
+        gate = manifest.get("gate")
+        if v.number == 0:
+            assert gate is None and e["gate"] == {}
+        else:  # a version a round made went through its publication gate
+            assert e["gate"]["passed"] == ("yes" if gate["passed"] else "no")
+            assert (e["state"] == "rejected") == (not gate["passed"])
 
 
 def _name(process: psutil.Process) -> str | None:
