@@ -140,7 +140,10 @@ class SwarmConfig:
     )
     grad_compression: str = field(
         default="uniform8bit",
-        metadata={"help": "codec for gradient all-reduce (see swarm.averaging_codecs.AVERAGING_CODECS)"},
+        metadata={
+            "help": "codec of the gradient (sync) or pseudo-gradient (diloco) all-reduce "
+            "(swarm.averaging_codecs.AVERAGING_CODECS)"
+        },
     )
     state_compression: str = field(default="fp16", metadata={"help": "codec for parameter averaging"})
     load_state_compression: str = field(
@@ -167,8 +170,29 @@ class SwarmConfig:
         default=5.0, metadata={"help": "publish this peer's metrics every N seconds"}
     )
     verbose: bool = field(default=False, metadata={"help": "hivemind logs each averaging event at INFO"})
+    algorithm: str = field(
+        default="sync",
+        metadata={"help": "sync | diloco: how the swarm trains together (see worker.algorithms.ALGORITHMS)"},
+    )
+    inner_steps: int = field(
+        default=500, metadata={"help": "diloco: local optimizer steps per peer between syncs (H)"}
+    )
+    outer_lr: float = field(default=0.7, metadata={"help": "diloco: learning rate of the outer Nesterov SGD"})
+    outer_momentum: float = field(
+        default=0.9, metadata={"help": "diloco: momentum of the outer Nesterov SGD"}
+    )
+    overlap: bool = field(
+        default=True,
+        metadata={"help": "diloco: run each sync while the next inner steps train (False: block on it)"},
+    )
 
     def __post_init__(self):
+        from coldswarm.worker.algorithms import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        if self.inner_steps < 1 or self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ValueError("inner_steps must be >= 1, outer_lr > 0 and outer_momentum in [0, 1)")
         if self.matchmaking_time <= self.request_timeout:
             raise ValueError(
                 f"matchmaking_time ({self.matchmaking_time}) must exceed request_timeout ({self.request_timeout}): "

@@ -1,0 +1,572 @@
+"""DiLoCo pretraining over hivemind: many local steps, then one all-reduce of pseudo-gradients.
+
+DiLoCo (Douillard et al. 2023, https://arxiv.org/abs/2311.08105) trades communication for local compute: each
+peer takes ``inner_steps`` (H) AdamW steps on its own data, then the peers all-reduce only their
+pseudo-gradients (parameters at the last sync minus now) and apply the mean with an outer SGD step with
+Nesterov momentum (lr 0.7, momentum 0.9 by default). A peer sends about one model's worth of 8-bit values
+every H steps instead of one per global step; the math is in :mod:`coldswarm.worker.outer_optimizer`.
+
+How it is built on hivemind (which pieces are reused, and why)
+-------------------------------------------------------------
+OpenDiLoCo (PrimeIntellect, ``open_diloco/hivemind_diloco.py``) subclasses ``hivemind.Optimizer`` with
+``use_local_updates=True``: its state averager holds the outer optimizer over an offloaded copy of the
+parameters, and a ``DecentralizedAverager`` whose tensors are that copy's ``.grad`` buffers all-reduces the
+pseudo-gradients; the sync blocks training. hivemind's own options do not give DiLoCo: ``use_local_updates``
+applies every local step and only *averages parameters* now and then (no outer optimizer, no pseudo-gradient);
+``delay_optimizer_step`` / ``delay_grad_averaging`` overlap one *gradient* all-reduce with the next
+accumulation (delayed parameter updates), still one all-reduce per global step; ``average_state_every`` spaces
+out parameter averaging. So this module composes hivemind's parts the way OpenDiLoCo does, without
+subclassing ``hivemind.Optimizer`` (whose ``step`` is built around gradient accumulation and would have to be
+copied and patched):
+
+* **outer state**: a plain ``hivemind.optim.state_averager.TrainingStateAverager`` under the run's usual
+  ``{run_id}_state_averager`` prefix. Its offloaded parameters are the outer parameters, its optimizer is the
+  outer SGD, and its ``main_parameters`` are the *anchor* (the point the current period started from). It
+  never joins a parameter-averaging round; it serves ``(outer parameters, outer momentum, epoch)`` to late
+  joiners, to peers that missed a sync and to the coordinator's checkpointer, which downloads it exactly as
+  it downloads a synchronous swarm's state (parameters first) and so needs no change.
+* **the all-reduce**: :class:`PseudoGradientAverager`, a ``DecentralizedAverager`` subclass whose tensors are
+  the outer parameters' ``.grad`` buffers (as in OpenDiLoCo and as ``hivemind.Optimizer`` does for offloaded
+  gradients). Because it is an ordinary hivemind averager, checks added to the averagers' RPC handlers
+  (admission of the caller's peer id, refusal of non-finite parts, robust aggregation) apply to it too.
+  Each sync looks for its group under a key naming the outer epoch, so a peer that fell behind can never
+  average a stale pseudo-gradient into the others' step.
+* **progress**: hivemind's ``ProgressTracker`` (same DHT record as the synchronous optimizer: epoch, samples,
+  samples/s), which gives the swarm's epoch and peer count.
+
+Overlap (the default, ``overlap=True``): at the end of a period the peer starts the all-reduce in the
+background and goes straight on with the next period's inner steps. When the averaged pseudo-gradient arrives
+(checked after every inner step), the outer step runs and the peer *rebases*: it shifts its parameters by what
+the outer step moved the point it had sent from, keeping the steps it took meanwhile on top (see
+:mod:`coldswarm.worker.outer_optimizer`). Those steps were computed from parameters that did not yet include
+the swarm's update; that is a delay of tau = (time of the all-reduce) / (time of one inner step) steps, not
+of a whole period (the "streaming"/"eager" DiLoCo variants study the same trade: Douillard et al. 2025,
+https://arxiv.org/abs/2501.18512; Kale et al. 2025, https://arxiv.org/abs/2502.12996). A peer waits on the
+network only when a sync has not finished by the end of the *next* period (the link is too slow even for the
+overlap), or at the round's last sync, whose result is the round's outcome. ``overlap=False`` is the paper's
+blocking DiLoCo.
+
+Failures: a sync that fails (no group before the deadline, a broken all-reduce, a group whose members were at
+different epochs) applies nothing; the peer keeps its anchor, so its unsent progress goes into the next
+pseudo-gradient. If the others did step meanwhile (the swarm's epoch is ahead), the peer downloads the outer
+state at its next period boundary, rebases onto it keeping its local progress, and joins the next sync. No
+peer blocks longer than ``averaging_timeout`` for another. A peer that sees no other peer applies its own
+pseudo-gradient (a swarm of one).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.control import AveragingStage, StepControl
+from hivemind.compression import CompressionInfo, NoCompression, TensorRole
+from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.utils import ValueWithExpiration, get_dht_time
+
+from coldswarm.worker.outer_optimizer import outer_optimizer_factory, pseudo_gradient_, rebase_
+from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DiLoCoOptimizer",
+    "DiLoCoTrainer",
+    "PseudoGradientAverager",
+    "epoch_group_bits",
+    "pseudo_grad_prefix",
+    "state_prefix",
+]
+
+#: bits of the outer epoch in each sync's matchmaking key (peers at different epochs never meet)
+EPOCH_KEY_BITS = 16
+
+
+def epoch_group_bits(epoch: int) -> str:
+    """The hivemind group bits under which peers look for the all-reduce of outer epoch ``epoch``."""
+    return format(epoch % 2**EPOCH_KEY_BITS, f"0{EPOCH_KEY_BITS}b")
+
+
+def pseudo_grad_prefix(run_id: str) -> str:
+    """The hivemind prefix (DHT keys and RPC namespace) of a DiLoCo run's pseudo-gradient all-reduce."""
+    return f"{run_id}_pseudo_grad_averager"
+
+
+def state_prefix(run_id: str) -> str:
+    """The prefix under which peers serve the run's state; the checkpointer downloads from it."""
+    return f"{run_id}_state_averager"
+
+
+class PseudoGradientAverager(DecentralizedAverager):
+    """A hivemind averager for DiLoCo pseudo-gradients; one :meth:`schedule_sync` per outer epoch.
+
+    Its tensors are averaged in place (the uniform mean of the peers' pseudo-gradients, the paper's rule) and
+    never served to downloaders (``allow_state_sharing=False``).
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor], dht, *, prefix: str, **kwargs):
+        infos = [
+            CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT) for i, t in enumerate(tensors)
+        ]
+        # Set by the averager's process when an all-reduce left part of the tensors un-averaged. hivemind then
+        # keeps the local values of the parts a reducer failed to return (and logs "received N% results"), or
+        # retries after a failure half-way through the in-place update; either way this peer's "average"
+        # differs from the others'. Shared memory, so it must exist before the process forks.
+        self._incomplete = mp.Value(ctypes.c_bool, False)
+        super().__init__(
+            averaged_tensors=tensors,
+            dht=dht,
+            prefix=prefix,
+            tensor_infos=infos,
+            allow_state_sharing=False,
+            **kwargs,
+        )
+
+    def trigger(self, control: StepControl) -> None:
+        """Let the all-reduce of ``control`` run (the tensors hold this peer's pseudo-gradient)."""
+        self._incomplete.value = False
+        control.allow_allreduce()
+
+    @property
+    def last_sync_incomplete(self) -> bool:
+        """Whether the last triggered all-reduce left some of this peer's tensors un-averaged."""
+        return bool(self._incomplete.value)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        try:
+            await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
+        except BaseException:
+            self._incomplete.value = True  # some parts may already be averaged in place
+            raise
+        runner = self._running_groups[group_id].result()
+        if runner.tensor_part_container.failed_size:
+            self._incomplete.value = True
+
+    def schedule_sync(self, epoch: int, scheduled_time: float, timeout: float) -> StepControl:
+        """Start matchmaking for the all-reduce of ``epoch`` (its group key and gathered data name it); call
+        ``allow_allreduce()`` on the returned control once the tensors hold the pseudo-gradient."""
+        self.set_group_bits(epoch_group_bits(epoch))
+        return self.step(
+            gather=int(epoch),
+            scheduled_time=scheduled_time,
+            timeout=timeout,
+            require_trigger=True,
+            wait=False,
+        )
+
+
+class DiLoCoOptimizer:
+    """DiLoCo with hivemind's pieces, behind the interface :class:`SwarmTrainer` uses of ``hivemind.Optimizer``:
+    ``step(batch_size=...)`` after ``loss.backward()``, ``zero_grad()``, ``local_epoch`` (outer steps taken),
+    ``tracker``, ``state_averager``, ``load_state_from_peers()``, ``shutdown()``.
+
+    :param params: the model's trained parameters, in :func:`swarm_parameters` order; trained in place.
+    :param inner_optimizer: a factory ``params -> torch optimizer`` (AdamW by default, see ``SwarmConfig``).
+    :param scheduler: optional factory of an inner learning-rate schedule, stepped once per outer epoch.
+    :param compression: the pseudo-gradient codec (a hivemind ``CompressionBase``).
+    :param on_missed_sync: called each time a sync fails while other peers are present.
+    """
+
+    def __init__(
+        self,
+        *,
+        dht,
+        config: SwarmConfig,
+        params: Sequence[torch.nn.Parameter],
+        inner_optimizer: Callable,
+        scheduler: Callable | None = None,
+        compression=None,
+        load_state_compression=None,
+        on_missed_sync: Callable[[], None] | None = None,
+    ):
+        cfg = self.config = config
+        self.dht = dht
+        self.params = list(params)
+        self.inner = inner_optimizer(self.params)
+        self.scheduler = scheduler(self.inner) if scheduler is not None else None
+        self.on_missed_sync = on_missed_sync
+        self.status_loglevel = logging.INFO if cfg.verbose else logging.DEBUG
+
+        # The anchor: where the current period started (host fp32). The state averager keeps the outer
+        # parameters as its offloaded copy of it and copies them back into it after every outer step.
+        self.anchor = [
+            p.detach().to("cpu", torch.float32, copy=True).requires_grad_(True) for p in self.params
+        ]
+        self.state_averager = TrainingStateAverager(
+            dht=dht,
+            prefix=state_prefix(cfg.run_id),
+            optimizer=outer_optimizer_factory(cfg.outer_lr, cfg.outer_momentum),
+            params=self.anchor,
+            offload_optimizer=True,
+            custom_gradients=True,
+            initialize_optimizer=True,  # a zero step: the momentum buffers exist (and are served) from the start
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=cfg.request_timeout,
+            allreduce_timeout=cfg.averaging_timeout,
+            next_chunk_timeout=cfg.load_state_timeout,
+            state_compression=load_state_compression or NoCompression(),
+            client_mode=cfg.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+        )
+        self.outer_params = [
+            p for group in self.state_averager.optimizer.param_groups for p in group["params"]
+        ]
+        self.sent_from = [torch.zeros_like(a, requires_grad=False) for a in self.anchor]
+        self.averager = PseudoGradientAverager(
+            [torch.zeros_like(p, requires_grad=False) for p in self.outer_params],
+            dht,
+            prefix=pseudo_grad_prefix(cfg.run_id),
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=cfg.request_timeout,
+            allreduce_timeout=cfg.averaging_timeout,
+            next_chunk_timeout=cfg.averaging_timeout,
+            compression=compression or NoCompression(),
+            client_mode=cfg.client_mode,
+            start=True,
+        )
+        # The outer optimizer reads the averaged pseudo-gradient straight from the all-reduce's buffers.
+        with self.averager.get_tensors() as buffers:
+            for param, buffer in zip(self.outer_params, buffers, strict=True):
+                param.grad = buffer
+        batch = cfg.batch_size_per_step or 1
+        self.tracker = ProgressTracker(
+            dht=dht,
+            prefix=cfg.run_id,
+            target_batch_size=max(cfg.inner_steps * batch, 1),
+            client_mode=cfg.client_mode,
+            status_loglevel=self.status_loglevel,
+            metadata_expiration=cfg.peer_expiration,
+            start=True,
+        )
+
+        self.steps_in_period = 0
+        self.samples_in_period = 0
+        self._step_seconds = None  # EMA of one inner step (forward, backward, optimizer)
+        self._last_step_end = None
+        self._scheduled = None  # (epoch, StepControl): matchmaking started ahead of the period's end
+        self._pending = None  # (epoch, StepControl, launched at): an all-reduce in flight
+        self.stats = dict(
+            syncs=0,  # outer steps from an all-reduce with other peers
+            solo_steps=0,  # outer steps taken alone (no other peer visible)
+            missed_syncs=0,  # syncs that failed while others were present
+            states_loaded=0,  # outer states downloaded (late join, catching up)
+            stall_seconds=0.0,  # time step() blocked on the network (waiting for a sync or a state)
+            final_sync_seconds=0.0,  # part of the stall: the round's last sync, which nothing can overlap
+            overlapped_steps=0,  # inner steps taken while a sync was in flight
+            sync_seconds=0.0,  # launch-to-result time of the syncs that succeeded, summed
+        )
+
+    # -- the interface SwarmTrainer uses -------------------------------------------------------------------
+
+    @property
+    def local_epoch(self) -> int:
+        """Outer steps this peer's outer parameters have taken (the swarm's epoch when in sync)."""
+        return self.state_averager.local_epoch
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.inner.zero_grad(set_to_none=set_to_none)
+
+    def step(self, batch_size: int | None = None) -> None:
+        """One inner step with the gradients in ``.grad``; at the end of a period, the sync."""
+        cfg = self.config
+        batch_size = batch_size or cfg.batch_size_per_step or 1
+        self.inner.step()
+        now = time.perf_counter()
+        if self._last_step_end is not None:
+            took = now - self._last_step_end
+            self._step_seconds = took if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * took
+        self.steps_in_period += 1
+        self.samples_in_period += batch_size
+        if self._pending is not None:
+            self.stats["overlapped_steps"] += 1
+        self.tracker.report_local_progress(self.local_epoch, self.samples_in_period)
+        self._poll_pending()
+        if self.steps_in_period >= cfg.inner_steps:
+            self._end_period()
+        else:
+            self._maybe_schedule()
+        self._last_step_end = time.perf_counter()
+
+    def load_state_from_peers(self) -> bool:
+        """Download the outer state (parameters, momentum, epoch) from the peer with the newest epoch and
+        move onto it, keeping the local progress not yet synchronised. Returns whether a state was loaded."""
+        if self._pending is not None:
+            self._complete_pending(self.config.averaging_timeout)
+        self._drop_scheduled()
+        began = time.perf_counter()
+        epoch = self.local_epoch
+        with torch.no_grad():
+            for old, anchor in zip(self.sent_from, self.anchor, strict=True):
+                old.copy_(anchor)
+        self.state_averager.load_state_from_peers(timeout=self.config.load_state_timeout)
+        loaded = self.local_epoch > epoch
+        if loaded:
+            rebase_(self.params, self.sent_from, self.anchor)  # x += theta_downloaded - old anchor
+            self.stats["states_loaded"] += 1
+            self._after_epoch_change()
+            logger.log(
+                self.status_loglevel, "loaded the outer state of epoch %d from peers", self.local_epoch
+            )
+        self._last_step_end = None  # the download is not an inner step
+        self.stats["stall_seconds"] += time.perf_counter() - began
+        return loaded
+
+    def finish_pending(self) -> None:
+        """Wait (up to ``averaging_timeout``) for a sync in flight and apply it, so the outer state is the
+        swarm's; drop matchmaking started for a sync that will not happen."""
+        if self._pending is not None:
+            self._complete_pending(self.config.averaging_timeout)
+        self._drop_scheduled()
+
+    def shutdown(self) -> None:
+        """Leave: stop reporting progress, finish or drop averaging rounds, stop both averagers."""
+        self.tracker.shutdown(5.0)
+        try:
+            self.finish_pending()
+        finally:
+            self.averager.shutdown()
+            self.state_averager.shutdown()
+
+    # -- the period's end and the sync -----------------------------------------------------------------------
+
+    def _end_period(self) -> None:
+        cfg = self.config
+        if self._pending is not None:
+            # The last sync is still in flight a whole period later: the link is too slow even for the overlap.
+            self._complete_pending(cfg.averaging_timeout)
+        if self.tracker.global_epoch > self.local_epoch:
+            # The swarm stepped without us (a sync we missed): take its state, keep our progress, then sync.
+            logger.log(
+                self.status_loglevel,
+                "swarm is at epoch %d, we are at %d: loading the outer state",
+                self.tracker.global_epoch,
+                self.local_epoch,
+            )
+            self.load_state_from_peers()
+        if cfg.max_epochs is not None and self.local_epoch >= cfg.max_epochs:
+            return  # the round is over; SwarmTrainer.train stops before the next step
+        self._launch()
+
+    def _launch(self) -> None:
+        cfg = self.config
+        epoch = self.local_epoch
+        control = None
+        if self._scheduled is not None:
+            scheduled_epoch, scheduled = self._scheduled
+            if scheduled_epoch == epoch and not scheduled.done() and not scheduled.triggered:
+                control, self._scheduled = scheduled, None
+            else:
+                self._drop_scheduled()
+        with torch.no_grad(), self.averager.get_tensors() as buffers:
+            pseudo_gradient_(buffers, self.anchor, self.params)
+            for sent, param in zip(self.sent_from, self.params, strict=True):
+                sent.copy_(param.detach())
+        self.steps_in_period = self.samples_in_period = 0
+        self.tracker.report_local_progress(epoch, 0)
+
+        if not self._others_present():
+            if control is not None:
+                control.cancel()
+            self._apply_outer_step()
+            self.stats["solo_steps"] += 1
+            logger.log(
+                self.status_loglevel, "no other peer: outer step %d with our own pseudo-gradient", epoch + 1
+            )
+            return
+        if control is None:
+            control = self.averager.schedule_sync(
+                epoch, scheduled_time=get_dht_time() + cfg.matchmaking_time, timeout=self._sync_timeout(0.0)
+            )
+        self.averager.trigger(control)
+        self._pending = (epoch, control, time.perf_counter())
+        final = cfg.max_epochs is not None and epoch + 1 >= cfg.max_epochs
+        if final or not cfg.overlap:
+            began = time.perf_counter()
+            self._complete_pending(cfg.averaging_timeout + cfg.matchmaking_time)
+            if final:
+                self.stats["final_sync_seconds"] += time.perf_counter() - began
+
+    def _sync_timeout(self, eta: float) -> float:
+        """How long a sync may look for its group: until the period's end plus ``averaging_timeout``, and with
+        the overlap for one more period (the others may be up to a period behind; nobody waits meanwhile)."""
+        cfg = self.config
+        period = cfg.inner_steps * (self._step_seconds or 0.0) if cfg.overlap else 0.0
+        return eta + cfg.averaging_timeout + period
+
+    def _maybe_schedule(self) -> None:
+        """Begin matchmaking about ``matchmaking_time`` before the period ends, so the group is ready then."""
+        cfg = self.config
+        if self._pending is not None or self._scheduled is not None or self._step_seconds is None:
+            return
+        eta = (cfg.inner_steps - self.steps_in_period) * self._step_seconds
+        if eta > cfg.matchmaking_time or self.tracker.global_progress.num_peers <= 1:
+            return
+        epoch = self.local_epoch
+        control = self.averager.schedule_sync(
+            epoch, scheduled_time=get_dht_time() + eta, timeout=self._sync_timeout(eta)
+        )
+        self._scheduled = (epoch, control)
+
+    def _poll_pending(self) -> None:
+        """After each inner step: apply a finished sync; give up on one the swarm has stepped past."""
+        if self._pending is None:
+            return
+        epoch, control, _ = self._pending
+        if control.done():
+            self._complete_pending(0.0)
+        elif control.stage == AveragingStage.LOOKING_FOR_GROUP and self.tracker.global_epoch > epoch:
+            control.cancel()
+            self._pending = None
+            self._missed(epoch, "the swarm stepped past this epoch before we found a group")
+
+    def _complete_pending(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the sync in flight; apply its result or record it as missed."""
+        epoch, control, launched = self._pending
+        began = time.perf_counter()
+        try:
+            gathered = control.result(timeout=timeout)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - timeouts, cancellations, failed all-reduces alike
+            if not control.done():
+                control.cancel()
+            gathered, reason = None, f"{type(exc).__name__}: {exc}"
+        finally:
+            if timeout > 0:
+                self.stats["stall_seconds"] += time.perf_counter() - began
+            self._pending = None
+        if gathered is not None:
+            epochs = set(gathered.values()) if isinstance(gathered, dict) else {None}
+            if epochs != {epoch}:
+                gathered, reason = None, f"group members were at epochs {sorted(map(str, epochs))}"
+            elif self.averager.last_sync_incomplete:
+                # Applying it would move our outer parameters away from the others'; they step without us.
+                gathered, reason = None, "the all-reduce returned only part of the average"
+        if gathered is None:
+            self._missed(epoch, reason)
+            return
+        self._apply_outer_step()
+        self.stats["syncs"] += 1
+        self.stats["sync_seconds"] += time.perf_counter() - launched
+        logger.log(
+            self.status_loglevel,
+            "outer step %d: averaged pseudo-gradients with %d peers in %.1fs",
+            self.local_epoch,
+            len(gathered),
+            time.perf_counter() - launched,
+        )
+
+    def _apply_outer_step(self) -> None:
+        """theta <- outer SGD(theta, averaged pseudo-gradient); anchor <- theta; x += theta - sent_from."""
+        with self.averager.get_tensors():  # no all-reduce may write the pseudo-gradient meanwhile
+            self.state_averager.step(increment_epoch=True, optimizer_step=True)
+        rebase_(self.params, self.sent_from, self.anchor)
+        self._after_epoch_change()
+
+    def _after_epoch_change(self) -> None:
+        if not self.config.client_mode:
+            self.state_averager.state_sharing_priority = self.local_epoch
+        with self.tracker.pause_updates():
+            self.tracker.update_epoch(self.local_epoch)
+        self.tracker.report_local_progress(self.local_epoch, self.samples_in_period)
+        if self.scheduler is not None:
+            while (
+                self.scheduler._step_count <= self.local_epoch
+            ):  # catch up, as hivemind does for late joiners
+                self.scheduler.step()
+
+    def _missed(self, epoch: int, reason: str) -> None:
+        # The anchor stays: this period's progress is part of the next pseudo-gradient.
+        logger.warning(
+            "DiLoCo sync of epoch %d failed (%s); its progress goes into the next one", epoch, reason
+        )
+        self.stats["missed_syncs"] += 1
+        if self.on_missed_sync is not None:
+            self.on_missed_sync()
+
+    def _drop_scheduled(self) -> None:
+        """Leave matchmaking started for a sync that will not use it (hivemind's 'tag along with zero weight'
+        when a group has already formed around it, so the others are not left waiting)."""
+        if self._scheduled is None:
+            return
+        _, control = self._scheduled
+        self._scheduled = None
+        if control.done():
+            return
+        if not control.triggered:
+            control.weight = 0.0
+            control.allow_allreduce()
+        try:
+            control.result(timeout=self.config.averaging_timeout)
+        except BaseException:  # noqa: BLE001 - a zero-weight round that fails changes nothing
+            if not control.done():
+                control.cancel()
+
+    def _others_present(self) -> bool:
+        """Whether another peer trains in this run: the tracker's view, confirmed with a fresh DHT read when it
+        sees nobody (its view can be a refresh period old, and stepping alone is not undone)."""
+        if self.tracker.global_progress.num_peers > 1:
+            return True
+        found = self.dht.get(self.tracker.training_progress_key, latest=True)
+        if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
+            return False
+        mine = self.dht.peer_id.to_bytes()
+        for entry in found.value.values():
+            value = entry.value if isinstance(entry, ValueWithExpiration) else None
+            if isinstance(value, dict) and value.get("peer_id") != mine:
+                return True
+        return False
+
+
+class DiLoCoTrainer(SwarmTrainer):
+    """:class:`SwarmTrainer` with DiLoCo as the optimizer (``algorithm="diloco"``); same life cycle and results.
+
+    ``SwarmResult.epoch`` counts outer steps; ``local_fallbacks`` counts syncs this peer missed while other
+    peers were present (each caught up at the next one). :attr:`diloco_stats` adds the sync figures.
+    """
+
+    def _make_optimizer(self, Optimizer, params):  # noqa: N803 - the base class's signature
+        from coldswarm.swarm.averaging_codecs import make_compression
+        from coldswarm.worker.optimizers import optimizer_factory, scheduler_factory
+
+        cfg = self.config
+        return DiLoCoOptimizer(
+            dht=self.dht,
+            config=cfg,
+            params=params,
+            inner_optimizer=optimizer_factory(cfg),
+            scheduler=scheduler_factory(cfg),
+            compression=self._grad_compression or make_compression(cfg.grad_compression, cfg.size_threshold),
+            load_state_compression=make_compression(cfg.load_state_compression, cfg.size_threshold),
+            on_missed_sync=self._count_missed_sync,
+        )
+
+    def _count_missed_sync(self) -> None:
+        self.local_fallbacks += 1
+
+    def _watch_local_fallbacks(self, opt) -> None:
+        pass  # DiLoCoOptimizer reports missed syncs itself (on_missed_sync)
+
+    def finish_pending(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.finish_pending()
+
+    def shutdown(self) -> None:
+        if self.optimizer is not None:
+            self._final_stats = dict(self.optimizer.stats)
+        super().shutdown()
+
+    @property
+    def diloco_stats(self) -> dict[str, float]:
+        """Sync figures, also after shutdown: syncs, solo_steps, missed_syncs, states_loaded, stall_seconds,
+        final_sync_seconds, overlapped_steps, sync_seconds."""
+        stats = self.optimizer.stats if self.optimizer is not None else getattr(self, "_final_stats", {})
+        return {k: float(v) for k, v in stats.items()}
