@@ -281,6 +281,7 @@ class SwarmTrainer:
     :param dht: an already running ``hivemind.DHT`` to use instead of starting one (not shut down by us).
     :param grad_compression: a hivemind ``CompressionBase`` to use instead of ``config.grad_compression``
       (``benchmarks/swarm.py`` wraps one in ``ByteCountingCompression``).
+    :param state_compression: the same for ``config.state_compression`` (parameter averaging).
 
     Life cycle: :meth:`start` (or ``with``) joins the DHT and syncs with the swarm; :meth:`train` runs until
     a stop condition; :meth:`serve_state` keeps serving downloads for the checkpointer; :meth:`shutdown`.
@@ -297,6 +298,7 @@ class SwarmTrainer:
         loss_fn: Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], torch.Tensor] | None = None,
         dht=None,
         grad_compression=None,
+        state_compression=None,
     ):
         self.model = model
         self.config = config
@@ -305,6 +307,7 @@ class SwarmTrainer:
         self.dht = dht
         self._own_dht = dht is None
         self._grad_compression = grad_compression
+        self._state_compression = state_compression
         self.optimizer = None  # hivemind.Optimizer once started
         self._stop = threading.Event()
         self._steps = 0
@@ -366,7 +369,8 @@ class SwarmTrainer:
             client_mode=cfg.client_mode,
             grad_compression=self._grad_compression
             or make_compression(cfg.grad_compression, cfg.size_threshold),
-            state_averaging_compression=make_compression(cfg.state_compression, cfg.size_threshold),
+            state_averaging_compression=self._state_compression
+            or make_compression(cfg.state_compression, cfg.size_threshold),
             load_state_compression=make_compression(cfg.load_state_compression, cfg.size_threshold),
             # hivemind 1.1.12 forwards averager_opts to the state averager only (despite its docstring): the
             # gradient averager would keep the 3 s default request_timeout, so give it its own factory.
