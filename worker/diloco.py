@@ -247,8 +247,11 @@ class DiLoCoOptimizer:
             start=True,
         )
 
-        self.steps_in_period = 0
+        self.steps_in_period = 0  # inner steps since the current period began (a sync was launched)
         self.samples_in_period = 0
+        self.samples_in_flight = 0  # samples of the period whose sync is in flight (not yet in the epoch)
+        self._boundary_since = None  # when this period reached its H steps (while others still train)
+        self._others_checked_at = -float("inf")
         self._step_seconds = None  # EMA of one inner step (forward, backward, optimizer)
         self._last_step_end = None
         self._scheduled = None  # (epoch, StepControl): matchmaking started ahead of the period's end
@@ -262,6 +265,7 @@ class DiLoCoOptimizer:
             final_sync_seconds=0.0,  # part of the stall: the round's last sync, which nothing can overlap
             overlapped_steps=0,  # inner steps taken while a sync was in flight
             sync_seconds=0.0,  # launch-to-result time of the syncs that succeeded, summed
+            inner_steps=0,
         )
 
     # -- the interface SwarmTrainer uses -------------------------------------------------------------------
@@ -285,9 +289,10 @@ class DiLoCoOptimizer:
             self._step_seconds = took if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * took
         self.steps_in_period += 1
         self.samples_in_period += batch_size
+        self.stats["inner_steps"] += 1
         if self._pending is not None:
             self.stats["overlapped_steps"] += 1
-        self.tracker.report_local_progress(self.local_epoch, self.samples_in_period)
+        self._report_progress()
         self._poll_pending()
         if self.steps_in_period >= cfg.inner_steps:
             self._end_period()
@@ -311,6 +316,8 @@ class DiLoCoOptimizer:
         if loaded:
             rebase_(self.params, self.sent_from, self.anchor)  # x += theta_downloaded - old anchor
             self.stats["states_loaded"] += 1
+            if self.stats["inner_steps"] == 0:
+                self._align_with_swarm()
             self._after_epoch_change()
             logger.log(
                 self.status_loglevel, "loaded the outer state of epoch %d from peers", self.local_epoch
@@ -353,7 +360,66 @@ class DiLoCoOptimizer:
             self.load_state_from_peers()
         if cfg.max_epochs is not None and self.local_epoch >= cfg.max_epochs:
             return  # the round is over; SwarmTrainer.train stops before the next step
+        if self._others_still_training():
+            return  # keep training (the next step checks again) rather than wait at the sync
         self._launch()
+
+    def _others_still_training(self) -> bool:
+        """Whether another peer is still taking the H steps of this epoch, so that this (faster) peer should
+        keep training instead of waiting for it at the sync: the faster peer takes more inner steps, as in
+        dynamic local updates (Liu et al. 2024, https://arxiv.org/abs/2401.09135). Bounded by
+        ``averaging_timeout`` past our own H steps; checked from the peers' progress records at most twice a
+        second (in between, the last answer stands)."""
+        now = time.perf_counter()
+        if self._boundary_since is None:
+            self._boundary_since, self._others_training = now, False
+            self._others_checked_at = -float("inf")
+        if now - self._boundary_since >= self.config.averaging_timeout:
+            return False
+        if now - self._others_checked_at < 0.5:
+            return self._others_training
+        self._others_checked_at = now
+        epoch, need = self.local_epoch, self.config.inner_steps * (self.config.batch_size_per_step or 1)
+        self._others_training = False
+        for record in self._progress_records():
+            if record.get("client_mode"):
+                continue  # a client's record says nothing about when the others can sync
+            peer_epoch, samples = record.get("epoch"), record.get("samples_accumulated")
+            if isinstance(peer_epoch, int) and isinstance(samples, int):
+                if peer_epoch < epoch or (peer_epoch == epoch and samples < need):
+                    self._others_training = True
+        return self._others_training
+
+    def _progress_records(self) -> list[dict]:
+        """The other peers' hivemind progress records (epoch, samples_accumulated, ...), read from the DHT."""
+        found = self.dht.get(self.tracker.training_progress_key, latest=True)
+        if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
+            return []
+        mine = self.dht.peer_id.to_bytes()
+        records = []
+        for entry in found.value.values():
+            value = entry.value if isinstance(entry, ValueWithExpiration) else None
+            if isinstance(value, dict) and value.get("peer_id") != mine:
+                records.append(value)
+        return records
+
+    def _align_with_swarm(self) -> None:
+        """A peer joining mid-epoch counts the steps the others have already taken in it (their mean), so its
+        period ends with theirs instead of up to a period later (its first pseudo-gradient is shorter)."""
+        batch = self.config.batch_size_per_step or 1
+        done = [
+            r["samples_accumulated"]
+            for r in self._progress_records()
+            if r.get("epoch") == self.local_epoch and isinstance(r.get("samples_accumulated"), int)
+        ]
+        if done:
+            steps = min(self.config.inner_steps - 1, round(sum(done) / len(done) / batch))
+            self.steps_in_period, self.samples_in_period = steps, steps * batch
+
+    def _report_progress(self) -> None:
+        # Samples since this peer entered its epoch: with a sync in flight, the period it averages plus the
+        # steps since, so that a record at epoch e with >= H x batch samples means "done with epoch e's H steps".
+        self.tracker.report_local_progress(self.local_epoch, self.samples_in_flight + self.samples_in_period)
 
     def _launch(self) -> None:
         cfg = self.config
@@ -369,8 +435,9 @@ class DiLoCoOptimizer:
             pseudo_gradient_(buffers, self.anchor, self.params)
             for sent, param in zip(self.sent_from, self.params, strict=True):
                 sent.copy_(param.detach())
-        self.steps_in_period = self.samples_in_period = 0
-        self.tracker.report_local_progress(epoch, 0)
+        self.samples_in_flight, self.samples_in_period = self.samples_in_period, 0
+        self.steps_in_period, self._boundary_since = 0, None
+        self._report_progress()
 
         if not self._others_present():
             if control is not None:
@@ -476,7 +543,8 @@ class DiLoCoOptimizer:
             self.state_averager.state_sharing_priority = self.local_epoch
         with self.tracker.pause_updates():
             self.tracker.update_epoch(self.local_epoch)
-        self.tracker.report_local_progress(self.local_epoch, self.samples_in_period)
+        self.samples_in_flight = 0
+        self._report_progress()
         if self.scheduler is not None:
             while (
                 self.scheduler._step_count <= self.local_epoch
@@ -488,6 +556,8 @@ class DiLoCoOptimizer:
         logger.warning(
             "DiLoCo sync of epoch %d failed (%s); its progress goes into the next one", epoch, reason
         )
+        self.samples_in_period += self.samples_in_flight
+        self.samples_in_flight = 0
         self.stats["missed_syncs"] += 1
         if self.on_missed_sync is not None:
             self.on_missed_sync()
@@ -513,17 +583,7 @@ class DiLoCoOptimizer:
     def _others_present(self) -> bool:
         """Whether another peer trains in this run: the tracker's view, confirmed with a fresh DHT read when it
         sees nobody (its view can be a refresh period old, and stepping alone is not undone)."""
-        if self.tracker.global_progress.num_peers > 1:
-            return True
-        found = self.dht.get(self.tracker.training_progress_key, latest=True)
-        if not isinstance(found, ValueWithExpiration) or not isinstance(found.value, dict):
-            return False
-        mine = self.dht.peer_id.to_bytes()
-        for entry in found.value.values():
-            value = entry.value if isinstance(entry, ValueWithExpiration) else None
-            if isinstance(value, dict) and value.get("peer_id") != mine:
-                return True
-        return False
+        return self.tracker.global_progress.num_peers > 1 or bool(self._progress_records())
 
 
 class DiLoCoTrainer(SwarmTrainer):

@@ -35,8 +35,8 @@ def test_diloco_round_is_collected_and_published(tmp_path, processes):
         assert (version.number, version.parent, version.method) == (1, 0, "pretrain")
         assert manifest["metrics"]["epoch"] == 2, manifest["metrics"]
         assert manifest["metrics"]["swarm_peers"] == 2, manifest["metrics"]
-        # Both workers took inner_steps local steps per outer epoch (and no more than a period past the last).
-        assert 2 * 2 * 4 <= manifest["metrics"]["swarm_steps"] <= 2 * 3 * 4, manifest["metrics"]
+        # Both workers took at least inner_steps local steps per outer epoch.
+        assert manifest["metrics"]["swarm_steps"] >= 2 * 2 * 4, manifest["metrics"]
         base = load_file(str(cluster.versions_dir() / "0" / "model.safetensors"))
         cluster.download("1", tmp_path / "v1")  # coldswarm-admin download, every sha256 checked
         trained = load_file(str(tmp_path / "v1" / "model.safetensors"))

@@ -115,6 +115,14 @@ def main(argv=None) -> int:
             write_tensors(out / f"outer{opt.local_epoch}.safetensors", outer_state(trainer, model))
 
         opt._after_epoch_change = snapshot_after_epoch_change
+        # The inner steps each period took before its sync (H, or more while a slower peer finished its H).
+        period_steps, launch = [], opt._launch
+
+        def counting_launch():
+            period_steps.append(opt.steps_in_period)
+            launch()
+
+        opt._launch = counting_launch
         write_tensors(out / "joined.safetensors", params_of(model))
         write_tensors(out / "joined_outer.safetensors", outer_state(trainer, model))
         write_json(
@@ -140,6 +148,7 @@ def main(argv=None) -> int:
                 local_fallbacks=result.local_fallbacks,
                 seconds=result.seconds,
                 stats=trainer.diloco_stats,
+                period_steps=period_steps,
                 step_log=step_log,
                 finished_at=time.time(),
             ),

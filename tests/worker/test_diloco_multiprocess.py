@@ -2,7 +2,8 @@
 coordinator's Checkpointer as the DHT bootstrap peer, as in ``test_swarm_multiprocess.py``).
 
 The outer step is checked against its closed form: from a common start ``theta0``, each peer takes H AdamW
-steps on its own batches (recomputed here from the same seeds), and after one outer step every peer must hold
+steps on its own batches (recomputed here from the same seeds; a peer that kept training while the other
+finished its H took more, and says how many), and after one outer step every peer must hold
 ``theta1 = theta0 - lr * (1 + mu) * mean_i(theta0 - x_i)`` (torch's Nesterov SGD from a zero buffer), with
 the momentum buffer equal to that mean.
 """
@@ -76,14 +77,15 @@ def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[k].flatten().float() for k in sorted(tensors)])
 
 
-def inner_period(seed: int) -> dict[str, torch.Tensor]:
-    """What a peer holds after its first H AdamW steps from theta0 on its own batches (its local-only result)."""
+def inner_period(seed: int, steps: int) -> dict[str, torch.Tensor]:
+    """What a peer holds after its first ``steps`` AdamW steps from theta0 on its own batches (its local-only
+    result; ``steps`` is H, or more for a peer that kept training while the other finished its H)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the peers run: the same reduction order
     try:
         model = swarm_peer.tiny_t5(0)
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), weight_decay=0.0)
-        for _, batch in zip(range(H), swarm_peer.batches(seed, BATCH), strict=False):
+        for _, batch in zip(range(steps), swarm_peer.batches(seed, BATCH), strict=False):
             model(**batch).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -118,7 +120,8 @@ def test_outer_step_is_nesterov_on_the_mean_pseudo_gradient(processes, bootstrap
         assert all(r["stats"]["overlapped_steps"] >= 1 for r in results), [r["stats"] for r in results]
 
     theta0 = swarm_peer.params_of(swarm_peer.tiny_t5(0))
-    local = [inner_period(seed) for seed in seeds]
+    assert all(r["period_steps"][0] >= H for r in results), [r["period_steps"] for r in results]
+    local = [inner_period(seed, r["period_steps"][0]) for seed, r in zip(seeds, results, strict=True)]
     mean_delta = {k: sum(theta0[k] - x[k] for x in local) / len(local) for k in theta0}
     expected = {k: theta0[k] - OUTER_LR * (1 + MU) * mean_delta[k] for k in theta0}
     step = (flat(expected) - flat(theta0)).norm()
