@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 from coldswarm.fusion.checkpoint import CheckpointReader, ModelDirWriter
+from coldswarm.swarm.averagers import state_prefix
 from coldswarm.swarm.averaging_codecs import register_safe_codecs
 from coldswarm.swarm.dht import start_dht
 from coldswarm.swarm.parameters import swarm_parameters
@@ -206,7 +207,7 @@ class Checkpointer:
         averager = _state_downloader_class()(
             tensors,
             self.dht,
-            prefix=f"{run_id}_state_averager",
+            prefix=state_prefix(run_id),
             start=True,
             allow_state_sharing=False,
             request_timeout=self.config.request_timeout,

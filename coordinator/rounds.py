@@ -232,6 +232,7 @@ class RoundStateMachine:
             check_fusion_options(options, method)
         if kind == RoundKind.PRETRAIN:
             method = RoundKind.PRETRAIN  # the swarm averages; no merge method applies
+            check_pretrain_options(options)
             if not self.dht_peers():
                 raise FailedPrecondition(
                     "a pretrain round needs a hivemind DHT for its workers to meet in, and this coordinator "
@@ -388,6 +389,17 @@ class RoundStateMachine:
 def fusion_task(options: dict, method: str, index: int, n: int) -> dict:
     """The ``FusionTask`` fields of shard ``index`` of ``n`` in a fusion round with these options."""
     return round_options.fusion_task(options, merge_bridge.statistics_for(method), index, n)
+
+
+def check_pretrain_options(options: dict) -> None:
+    """Refuse at OpenRound a pretrain round's options that every worker would refuse: ``epochs`` and
+    ``target_batch_size`` that are not positive integers, ``hyperparameters`` that are not an object, or MoD
+    data options out of range. Swarm option names are the worker's ``SwarmConfig`` fields, which the
+    coordinator does not import: a name the workers do not know fails their assignments."""
+    try:
+        round_options.check_round_options("pretrain", options, codecs=())
+    except round_options.RoundOptionsError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def check_fusion_options(options: dict, method: str) -> None:

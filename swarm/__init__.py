@@ -12,6 +12,8 @@ module               what it holds
 ``parameters``       which tensors the swarm trains, in the order hivemind sees them
 ``averaging_codecs`` the compression registry for all-reduce and state averaging
                      (:data:`AVERAGING_CODECS`), with numpy-safe 8-bit codecs
+``averagers``        the prefixes a run's averagers meet under, and DiLoCo's pseudo-gradient
+                     all-reduce (:class:`~coldswarm.swarm.averagers.PseudoGradientAverager`)
 ``dht``              starting a DHT peer whose process survives requesters that exit
 ``sigint``           undoing hivemind's SIGINT trap at averager start-up
 ===================  ======================================================================

@@ -25,7 +25,7 @@ copied and patched):
   never joins a parameter-averaging round; it serves ``(outer parameters, outer momentum, epoch)`` to late
   joiners, to peers that missed a sync and to the coordinator's checkpointer, which downloads it exactly as
   it downloads a synchronous swarm's state (parameters first) and so needs no change.
-* **the all-reduce**: :class:`PseudoGradientAverager`, a ``DecentralizedAverager`` subclass whose tensors are
+* **the all-reduce**: :class:`~coldswarm.swarm.averagers.PseudoGradientAverager`, a ``DecentralizedAverager`` subclass whose tensors are
   the outer parameters' ``.grad`` buffers (as in OpenDiLoCo and as ``hivemind.Optimizer`` does for offloaded
   gradients). Because it is an ordinary hivemind averager, checks added to the averagers' RPC handlers
   (admission of the caller's peer id, refusal of non-finite parts, robust aggregation) apply to it too.
@@ -56,110 +56,24 @@ pseudo-gradient (a swarm of one).
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing as mp
 import time
 from collections.abc import Callable, Sequence
 
 import torch
-from hivemind.averaging import DecentralizedAverager
-from hivemind.averaging.control import AveragingStage, StepControl
-from hivemind.compression import CompressionInfo, NoCompression, TensorRole
+from hivemind.averaging.control import AveragingStage
+from hivemind.compression import NoCompression
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.optim.state_averager import TrainingStateAverager
 from hivemind.utils import ValueWithExpiration, get_dht_time
 
+from coldswarm.swarm.averagers import PseudoGradientAverager, pseudo_grad_prefix, state_prefix
 from coldswarm.worker.outer_optimizer import outer_optimizer_factory, pseudo_gradient_, rebase_
 from coldswarm.worker.swarm import SwarmConfig, SwarmTrainer
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "DiLoCoOptimizer",
-    "DiLoCoTrainer",
-    "PseudoGradientAverager",
-    "epoch_group_bits",
-    "pseudo_grad_prefix",
-    "state_prefix",
-]
-
-#: bits of the outer epoch in each sync's matchmaking key (peers at different epochs never meet)
-EPOCH_KEY_BITS = 16
-
-
-def epoch_group_bits(epoch: int) -> str:
-    """The hivemind group bits under which peers look for the all-reduce of outer epoch ``epoch``."""
-    return format(epoch % 2**EPOCH_KEY_BITS, f"0{EPOCH_KEY_BITS}b")
-
-
-def pseudo_grad_prefix(run_id: str) -> str:
-    """The hivemind prefix (DHT keys and RPC namespace) of a DiLoCo run's pseudo-gradient all-reduce."""
-    return f"{run_id}_pseudo_grad_averager"
-
-
-def state_prefix(run_id: str) -> str:
-    """The prefix under which peers serve the run's state; the checkpointer downloads from it."""
-    return f"{run_id}_state_averager"
-
-
-class PseudoGradientAverager(DecentralizedAverager):
-    """A hivemind averager for DiLoCo pseudo-gradients; one :meth:`schedule_sync` per outer epoch.
-
-    Its tensors are averaged in place (the uniform mean of the peers' pseudo-gradients, the paper's rule) and
-    never served to downloaders (``allow_state_sharing=False``).
-    """
-
-    def __init__(self, tensors: Sequence[torch.Tensor], dht, *, prefix: str, **kwargs):
-        infos = [
-            CompressionInfo.from_tensor(t, key=i, role=TensorRole.GRADIENT) for i, t in enumerate(tensors)
-        ]
-        # Set by the averager's process when an all-reduce left part of the tensors un-averaged. hivemind then
-        # keeps the local values of the parts a reducer failed to return (and logs "received N% results"), or
-        # retries after a failure half-way through the in-place update; either way this peer's "average"
-        # differs from the others'. Shared memory, so it must exist before the process forks.
-        self._incomplete = mp.Value(ctypes.c_bool, False)
-        super().__init__(
-            averaged_tensors=tensors,
-            dht=dht,
-            prefix=prefix,
-            tensor_infos=infos,
-            allow_state_sharing=False,
-            **kwargs,
-        )
-
-    def trigger(self, control: StepControl) -> None:
-        """Let the all-reduce of ``control`` run (the tensors hold this peer's pseudo-gradient)."""
-        self._incomplete.value = False
-        control.allow_allreduce()
-
-    @property
-    def last_sync_incomplete(self) -> bool:
-        """Whether the last triggered all-reduce left some of this peer's tensors un-averaged."""
-        return bool(self._incomplete.value)
-
-    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        group_id = group_info.group_id if group_id is None else group_id
-        try:
-            await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
-        except BaseException:
-            self._incomplete.value = True  # some parts may already be averaged in place
-            raise
-        runner = self._running_groups[group_id].result()
-        if runner.tensor_part_container.failed_size:
-            self._incomplete.value = True
-
-    def schedule_sync(self, epoch: int, scheduled_time: float, timeout: float) -> StepControl:
-        """Start matchmaking for the all-reduce of ``epoch`` (its group key and gathered data name it); call
-        ``allow_allreduce()`` on the returned control once the tensors hold the pseudo-gradient."""
-        self.set_group_bits(epoch_group_bits(epoch))
-        return self.step(
-            gather=int(epoch),
-            scheduled_time=scheduled_time,
-            timeout=timeout,
-            require_trigger=True,
-            wait=False,
-        )
+__all__ = ["DiLoCoOptimizer", "DiLoCoTrainer"]
 
 
 class DiLoCoOptimizer:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.swarm.averagers import epoch_group_bits
 from coldswarm.worker.algorithms import ALGORITHMS
-from coldswarm.worker.diloco import epoch_group_bits
 from coldswarm.worker.outer_optimizer import outer_optimizer_factory, pseudo_gradient_, rebase_
 from coldswarm.worker.swarm import SwarmConfig
 
