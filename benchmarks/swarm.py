@@ -7,7 +7,7 @@ One run measures, one after the other on the same machine and settings:
 
 1. **solo**: two processes training at once with a plain torch loop (AdamW, same per-peer batch), so both
    sides see the same CPU contention (on a small machine two peers share the cores; that is not a cost of
-   averaging);
+   averaging); measured before, between and after the swarm modes, each mode against the two beside it;
 2. **sync**: two peers with ``SwarmTrainer`` (``algorithm="sync"``): 8-bit gradient all-reduce every
    ``--target-batch-size`` samples, fp16 parameter averaging every epoch;
 3. **diloco**: two peers with ``algorithm="diloco"``: ``--inner-steps`` AdamW steps per peer, then an 8-bit
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -315,6 +316,7 @@ def summarise(name: str, runs: list[dict], solo_rate: float) -> dict:
     row = dict(
         name=name,
         samples_per_s=rate,
+        solo_samples_per_s=solo_rate,
         ratio_to_solo=rate / solo_rate,
         rounds=min(rounds),
         local_fallbacks=[r["local_fallbacks"] for r in runs],
@@ -355,7 +357,8 @@ def print_row(row: dict) -> None:
             f"        diloco: syncs {d['syncs']:.0f}, missed {d['missed_syncs']:.0f}, solo {d['solo_steps']:.0f}, "
             f"inner steps overlapped with a sync {d['overlapped_steps']:.0f}, mean sync {d['sync_seconds'] / max(d['syncs'], 1):.1f} s, "
             f"stall {d['stall_seconds']:.1f} s of which the round's last sync {d['final_sync_seconds']:.1f} s "
-            f"({100 * row['final_sync_share']:.1f}% of training)"
+            f"({100 * row['final_sync_share']:.1f}% of training; the others "
+            f"{max(d['stall_seconds'] - d['final_sync_seconds'], 0):.1f} s)"
         )
 
 
@@ -409,6 +412,8 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result))
         return 0
 
+    # SIGTERM unwinds like Ctrl-C, so the namespaces and processes are cleaned up in the `finally`s.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="coldswarm-bench-"))
     algorithms = [a for a in args.algorithms.split(",") if a]
     load = open("/proc/loadavg").read().split()[:3]
@@ -433,10 +438,12 @@ def main(argv=None) -> int:
         runner = Runner(args, workdir, net)
         bootstrap, peers = runner.start_bootstrap()
         try:
-            solo = runner.pair("solo", "solo", [])
-            runs = {}
-            for algorithm in algorithms:
+            # A solo baseline before and after each swarm mode: other work on a shared machine comes and
+            # goes, so each mode is compared with the mean of the solos measured on either side of it.
+            solos, runs = [runner.pair("solo0", "solo", [])], {}
+            for i, algorithm in enumerate(algorithms):
                 runs[algorithm] = runner.pair(algorithm, "peer", ["--algorithm", algorithm], peers)
+                solos.append(runner.pair(f"solo{i + 1}", "solo", []))
             codec_runs = {}
             if net is None and not args.no_codec_runs:
                 settings = ["--average-state-every", "0", "--epochs", str(args.bytes_epochs)]
@@ -452,15 +459,22 @@ def main(argv=None) -> int:
             net.close()
     report["load_after"] = open("/proc/loadavg").read().split()[:3]
 
-    solo_rate = sum(r["samples_per_s"] for r in solo) / 2
+    solo_rates = [sum(r["samples_per_s"] for r in solo) / 2 for solo in solos]
     params = next(iter(runs.values()))[0]["params"] if runs else 0
     print(
         f"model: T5, {params:,} trained parameters; per-peer batch {args.batch_size}; sync: target_batch_size "
         f"{args.target_batch_size}, {args.epochs} rounds; diloco: H = {args.inner_steps} inner steps, "
         f"{args.outer_epochs} rounds; codec {args.codec}; matchmaking_time {args.matchmaking_time}s"
     )
-    print(f"solo    {solo_rate:7.2f} samples/s per process (2 processes, plain torch AdamW)")
-    rows = {name: summarise(name, r, solo_rate) for name, r in runs.items()}
+    print(
+        "solo    "
+        + ", ".join(f"{rate:.2f}" for rate in solo_rates)
+        + " samples/s per process (2 processes, plain torch AdamW; before, between and after the modes)"
+    )
+    rows = {
+        name: summarise(name, r, (solo_rates[i] + solo_rates[i + 1]) / 2)
+        for i, (name, r) in enumerate(runs.items())
+    }
     for row in rows.values():
         print_row(row)
     if {"sync", "diloco"} <= set(rows):
@@ -491,7 +505,7 @@ def main(argv=None) -> int:
         )
         report["codec_bytes_per_value"] = per_value
     print(f"load average after: {' '.join(report['load_after'])}")
-    report.update(solo_samples_per_s=solo_rate, rows=rows)
+    report.update(solo_samples_per_s=solo_rates, rows=rows)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

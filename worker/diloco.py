@@ -46,6 +46,12 @@ network only when a sync has not finished by the end of the *next* period (the l
 overlap), or at the round's last sync, whose result is the round's outcome. ``overlap=False`` is the paper's
 blocking DiLoCo.
 
+Stragglers: with a fixed H per peer, a faster peer would wait at every sync for the slowest one. Instead,
+past its H steps, a peer keeps training while another peer's progress record shows it still short of its H
+steps for this epoch (for up to ``averaging_timeout``), as in dynamic local updates (Liu et al. 2024,
+https://arxiv.org/abs/2401.09135): each sync averages H steps of the slowest peer and more of the faster
+ones, and no peer idles for another. A peer that joins mid-epoch counts the steps the others have taken.
+
 Failures: a sync that fails (no group before the deadline, a broken all-reduce, a group whose members were at
 different epochs) applies nothing; the peer keeps its anchor, so its unsent progress goes into the next
 pseudo-gradient. If the others did step meanwhile (the swarm's epoch is ahead), the peer downloads the outer

@@ -231,3 +231,29 @@ def test_late_joiner_gets_the_outer_state(processes, bootstrap, tmp_path):
     for proc in everyone:
         wait_for(proc.out / "result.json", everyone, 90, f"{proc.out.name} to stop")
         assert read_json(proc.out / "result.json")["reason"] == "stopped"
+
+
+def test_a_faster_peer_keeps_training_instead_of_waiting(processes, bootstrap, tmp_path):
+    """Dynamic local updates: the faster peer takes more than H inner steps while the slower one finishes
+    its H, so it does not sit idle at the sync; both still step together."""
+    run_id = "diloco-dylu"
+    go = tmp_path / "go"
+    common = ["--max-epochs", "2", "--grad-compression", "fp16", "--wait-file", str(go)]
+    fast = start_peer(
+        processes, tmp_path, "fast", bootstrap, run_id, "--data-seed", "40", "--step-delay", "0.05", *common
+    )
+    slow = start_peer(
+        processes, tmp_path, "slow", bootstrap, run_id, "--data-seed", "41", "--step-delay", "0.8", *common
+    )
+    peers = [fast, slow]
+    for proc in peers:
+        wait_for(proc.out / "ready.json", peers, 120, f"{proc.out.name} to join")
+    go.touch()
+    for proc in peers:
+        wait_for(proc.out / "result.json", peers, 150, f"{proc.out.name} to finish")
+    results = {p.out.name: read_json(p.out / "result.json") for p in peers}
+    assert [results[n]["stats"]["syncs"] for n in ("fast", "slow")] == [2, 2], results
+    assert results["slow"]["period_steps"][0] >= H
+    # The slow peer's H steps take >= H x 0.8 s; the fast one trained through most of that.
+    assert results["fast"]["period_steps"][0] > 2 * H, results["fast"]["period_steps"]
+    assert results["fast"]["steps"] > results["slow"]["steps"]
