@@ -302,8 +302,6 @@ class DiLoCoOptimizer:
         epoch, need = self.local_epoch, self.config.inner_steps * (self.config.batch_size_per_step or 1)
         self._others_training = False
         for record in self._progress_records():
-            if record.get("client_mode"):
-                continue  # a client's record says nothing about when the others can sync
             peer_epoch, samples = record.get("epoch"), record.get("samples_accumulated")
             if isinstance(peer_epoch, int) and isinstance(samples, int):
                 if peer_epoch < epoch or (peer_epoch == epoch and samples < need):
