@@ -15,7 +15,8 @@ listed); any other key is refused with the closest known one, as hyperparameter 
 Fusion round options: ``peft_method``, ``hyperparameters`` (the :class:`FusionHyperparameters` fields),
 ``statistics``, ``codec``, ``shard_prefix`` (and ``merge``, the merge's own options).
 Pretrain round options: ``epochs``, ``target_batch_size``, ``run_id``, ``corpus_prefix``,
-``collect_timeout_s`` and ``hyperparameters``: the :class:`PretrainDataOptions` fields plus the worker's
+``collect_timeout_s``, ``algorithm`` (shorthand for ``hyperparameters.algorithm``) and ``hyperparameters``: the
+:class:`PretrainDataOptions` fields plus the worker's
 ``SwarmConfig`` fields.
 """
 
@@ -56,6 +57,7 @@ ROUND_OPTION_KEYS: dict[str, dict[str, str]] = {
         "run_id": "the hivemind run id (default coldswarm-r<round id>)",
         "corpus_prefix": "which corpus shards name (default corpus)",
         "collect_timeout_s": "seconds the checkpointer tries to collect the swarm's state (default 120)",
+        "algorithm": "sync or diloco: how the swarm trains together (shorthand for hyperparameters.algorithm)",
         "hyperparameters": "the PretrainDataOptions fields and the worker's SwarmConfig fields",
         "gate": "the publication gate: policy, metric, tolerance, higher_is_better (the coordinator's)",
     },
@@ -251,6 +253,13 @@ def _top_level(kind: str, options: Mapping[str, Any]) -> None:
             if key in options and not isinstance(options[key], str):
                 raise ValueError(f"{key} must be a string")
     else:
+        if "algorithm" in options:
+            algorithm = options["algorithm"]
+            inner = (options.get("hyperparameters") or {}).get("algorithm", algorithm)
+            if not isinstance(algorithm, str) or inner != algorithm:
+                raise ValueError(
+                    "algorithm must be a name (sync, diloco) and agree with hyperparameters.algorithm"
+                )
         if "run_id" in options:
             _name(options, "run_id", "")
         _name(options, "corpus_prefix", "corpus")
@@ -265,6 +274,15 @@ def _top_level(kind: str, options: Mapping[str, Any]) -> None:
                 f"collect_timeout_s must be a number of seconds in (0, {MAX_COLLECT_TIMEOUT_S:g}], "
                 f"not {str(timeout)[:40]!r}"
             )
+
+
+def pretrain_task_hyperparameters(options: Mapping[str, Any]) -> dict:
+    """A pretrain round's ``hyperparameters`` as its workers get them: the top-level ``algorithm`` shorthand
+    folded in (the workers' ``SwarmConfig`` reads it from there)."""
+    hyperparameters = dict(options.get("hyperparameters") or {})
+    if "algorithm" in options:
+        hyperparameters.setdefault("algorithm", options["algorithm"])
+    return hyperparameters
 
 
 def check_round_options(
@@ -291,9 +309,9 @@ def check_round_options(
         else:
             for name in PRETRAIN_TASK_FIELDS:
                 _positive_int(options, name)
-            hyperparameters = options.get("hyperparameters", {})
-            if not isinstance(hyperparameters, dict):
+            if not isinstance(options.get("hyperparameters", {}), dict):
                 raise ValueError("hyperparameters must be a JSON object")
+            hyperparameters = pretrain_task_hyperparameters(options)
             pretrain_hyperparameters(json.dumps(hyperparameters), swarm_fields=swarm_fields)
     except (ValueError, TypeError) as exc:
         raise RoundOptionsError(f"{kind} round options: {exc}") from None

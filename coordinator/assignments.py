@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coldswarm.common import round_options
 from coldswarm.common.quoting import quote
 from coldswarm.coordinator.errors import InvalidArgument, NotFound, PermissionDenied
 from coldswarm.coordinator.rounds import RoundRow, RoundStateMachine, fusion_task
@@ -44,7 +45,7 @@ def pretrain_task(rnd: RoundRow, initial_peers: list[str], index: int, n: int) -
         "initial_peers": list(initial_peers),
         "target_batch_size": int(opts.get("target_batch_size", 64)),
         "corpus_shard": f"{opts.get('corpus_prefix', 'corpus')}:{index}-of-{n}",
-        "hyperparameters_json": json.dumps(opts.get("hyperparameters", {}), sort_keys=True),
+        "hyperparameters_json": json.dumps(round_options.pretrain_task_hyperparameters(opts), sort_keys=True),
         "epochs": int(opts.get("epochs", 1)),
     }
 

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from coldswarm.fusion.checkpoint import CheckpointReader, ModelDirWriter
+from coldswarm.swarm.averagers import state_prefix
 from coldswarm.swarm.averaging_codecs import register_safe_codecs
 from coldswarm.swarm.credentials import SwarmAuthority
 from coldswarm.swarm.dht import start_dht
@@ -293,7 +294,7 @@ class Checkpointer:
             [t.clone() for t in base],
             self.dht,
             guard=AveragerGuard(admitted=self.security.admitted(run_id), max_state_jump=jump or None),
-            prefix=f"{run_id}_state_averager",
+            prefix=state_prefix(run_id),
             start=True,
             allow_state_sharing=False,
             request_timeout=self.config.request_timeout,

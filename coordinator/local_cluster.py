@@ -53,6 +53,12 @@ class LocalClusterConfig:
     fusion_steps: int = field(default=60, metadata={"help": "finetuning steps per worker per fusion round"})
     pretrain_epochs: int = field(default=3, metadata={"help": "swarm optimizer epochs per pretrain round"})
     target_batch_size: int = field(default=32, metadata={"help": "samples per swarm optimizer epoch"})
+    pretrain_algorithm: str = field(
+        default="sync", metadata={"help": "how pretrain rounds train together: sync or diloco"}
+    )
+    pretrain_inner_steps: int = field(
+        default=8, metadata={"help": "diloco: local steps per worker between syncs (an epoch)"}
+    )
     evaluator: str = field(
         default="coldswarm.lm.evaluate:evaluate_version",
         metadata={"help": "module:function the coordinator evaluates each version with ('' for none)"},
@@ -94,7 +100,17 @@ class LocalClusterConfig:
         return {
             "epochs": self.pretrain_epochs,
             "target_batch_size": self.target_batch_size,
-            "hyperparameters": {"batch_size": 4, "inputs_length": 64, "lr": 1e-3, "matchmaking_time": 4.0},
+            "hyperparameters": {
+                "batch_size": 4,
+                "inputs_length": 64,
+                "lr": 1e-3,
+                "matchmaking_time": 4.0,
+                **(
+                    {"algorithm": "diloco", "inner_steps": self.pretrain_inner_steps}
+                    if self.pretrain_algorithm == "diloco"
+                    else {}
+                ),
+            },
         }
 
 

@@ -167,9 +167,14 @@ def register_safe_codecs() -> None:
     """Make hivemind decode (and reducers re-encode) 8-bit tensors with the numpy-safe codecs.
 
     Idempotent. Call it before creating any hivemind averager (they fork background processes that
-    inherit the registry as it is at that moment).
+    inherit the registry as it is at that moment). Entries that :func:`count_registry_bytes` wrapped around a
+    safe codec stay wrapped: replacing them would silently stop the count of what reducers send back.
     """
-    _serialization._BASE_COMPRESSION_TYPES.update(_SAFE_REGISTRY)
+    registry = _serialization._BASE_COMPRESSION_TYPES
+    for key, codec in _SAFE_REGISTRY.items():
+        current = registry.get(key)
+        if not (isinstance(current, _RegistryCounter) and isinstance(current.inner, type(codec))):
+            registry[key] = codec
 
 
 def _adaptive(large: CompressionBase, size_threshold: int) -> CompressionBase:

@@ -3,7 +3,9 @@
 The worker loads the base version, joins the round's hivemind run (``run_id``)
 through the coordinator's DHT peer, and trains on MoD batches from its corpus
 shard until the swarm reaches the round's epoch count. Gradients are averaged
-8-bit and parameters fp16 (:mod:`coldswarm.worker.swarm`). Nothing is uploaded:
+8-bit and parameters fp16 (:mod:`coldswarm.worker.swarm`), or, with
+``"algorithm": "diloco"``, only pseudo-gradients every ``inner_steps`` local
+steps (:mod:`coldswarm.worker.diloco`). Nothing is uploaded:
 the coordinator's checkpointer downloads the averaged state from the swarm, so
 after training the worker stays in the run, serving its state, until the
 checkpointer announces it has collected it (or ``serve_state_timeout_s``
@@ -32,6 +34,7 @@ from coldswarm.lm.data import resolve_shard
 from coldswarm.lm.mod import MoDConfig
 from coldswarm.lm.tokenizer import load_tokenizer
 from coldswarm.proto import coldswarm_pb2 as pb
+from coldswarm.worker.algorithms import make_trainer
 from coldswarm.worker.devices import load_seq2seq
 from coldswarm.worker.jobs import Cancelled, JobContext, JobResult
 from coldswarm.worker.swarm import SwarmConfig, SwarmProgress, SwarmTrainer
@@ -97,7 +100,7 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
     security = credentials.obtain()
     log.info("admitted to run %s's swarm until %.0f", task.run_id, credentials.expires_at)
     try:
-        with SwarmTrainer(model, config, on_progress=on_progress, security=security) as trainer:
+        with make_trainer(model, config, on_progress=on_progress, security=security) as trainer:
             # Out of the swarm (credential expired unrenewed): stop training, and serving too.
             leave = threading.Event()
             threading.Thread(target=lambda: (ctx.stopping.wait(), leave.set()), daemon=True).start()
@@ -108,6 +111,7 @@ def run_pretrain_job(ctx: JobContext, task: pb.PretrainTask) -> JobResult:
     finally:
         credentials.stop()
     metrics = {f"swarm_{k}": v for k, v in result.as_metrics().items()}
+    metrics.update({f"diloco_{k}": v for k, v in getattr(trainer, "diloco_stats", {}).items()})
     metrics["collected"] = float(collected)
     return JobResult(num_examples=result.samples, metrics=metrics)
 

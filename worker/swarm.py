@@ -144,7 +144,10 @@ class SwarmConfig:
     )
     grad_compression: str = field(
         default="uniform8bit",
-        metadata={"help": "codec for gradient all-reduce (see swarm.averaging_codecs.AVERAGING_CODECS)"},
+        metadata={
+            "help": "codec of the gradient (sync) or pseudo-gradient (diloco) all-reduce "
+            "(swarm.averaging_codecs.AVERAGING_CODECS)"
+        },
     )
     state_compression: str = field(default="fp16", metadata={"help": "codec for parameter averaging"})
     load_state_compression: str = field(
@@ -182,8 +185,29 @@ class SwarmConfig:
             "peer's own (the checkpointer: from the round's base); 0 disables"
         },
     )
+    algorithm: str = field(
+        default="sync",
+        metadata={"help": "sync | diloco: how the swarm trains together (see worker.algorithms.ALGORITHMS)"},
+    )
+    inner_steps: int = field(
+        default=500, metadata={"help": "diloco: local optimizer steps per peer between syncs (H)"}
+    )
+    outer_lr: float = field(default=0.7, metadata={"help": "diloco: learning rate of the outer Nesterov SGD"})
+    outer_momentum: float = field(
+        default=0.9, metadata={"help": "diloco: momentum of the outer Nesterov SGD"}
+    )
+    overlap: bool = field(
+        default=True,
+        metadata={"help": "diloco: run each sync while the next inner steps train (False: block on it)"},
+    )
 
     def __post_init__(self):
+        from coldswarm.worker.algorithms import ALGORITHMS
+
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        if self.inner_steps < 1 or self.outer_lr <= 0 or not 0 <= self.outer_momentum < 1:
+            raise ValueError("inner_steps must be >= 1, outer_lr > 0 and outer_momentum in [0, 1)")
         if self.matchmaking_time <= self.request_timeout:
             raise ValueError(
                 f"matchmaking_time ({self.matchmaking_time}) must exceed request_timeout ({self.request_timeout}): "
@@ -289,6 +313,7 @@ class SwarmTrainer:
     :param guard: use the guarded averagers (:mod:`coldswarm.swarm.guarded_averagers`: finite parts only,
       ``config.aggregator``, screened results, checked state downloads). False: hivemind's own, unguarded
       (the benchmark's baseline).
+    :param state_compression: the same for ``config.state_compression`` (parameter averaging).
 
     Life cycle: :meth:`start` (or ``with``) joins the DHT and syncs with the swarm; :meth:`train` runs until
     a stop condition; :meth:`serve_state` keeps serving downloads for the checkpointer; :meth:`shutdown`.
@@ -307,6 +332,7 @@ class SwarmTrainer:
         grad_compression=None,
         security: PeerSecurity | None = None,
         guard: bool = True,
+        state_compression=None,
     ):
         self.model = model
         self.config = config
@@ -317,6 +343,7 @@ class SwarmTrainer:
         self.dht = dht
         self._own_dht = dht is None
         self._grad_compression = grad_compression
+        self._state_compression = state_compression
         self.optimizer = None  # hivemind.Optimizer once started
         self._stop = threading.Event()
         self._steps = 0
@@ -431,7 +458,8 @@ class SwarmTrainer:
             client_mode=cfg.client_mode,
             grad_compression=self._grad_compression
             or make_compression(cfg.grad_compression, cfg.size_threshold),
-            state_averaging_compression=make_compression(cfg.state_compression, cfg.size_threshold),
+            state_averaging_compression=self._state_compression
+            or make_compression(cfg.state_compression, cfg.size_threshold),
             load_state_compression=make_compression(cfg.load_state_compression, cfg.size_threshold),
             # hivemind 1.1.12 forwards averager_opts to the state averager only (despite its docstring): the
             # gradient averager would keep the 3 s default request_timeout, so give it its own factory.

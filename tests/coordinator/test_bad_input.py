@@ -376,6 +376,21 @@ def test_pretrain_round_takes_no_uploads(harness):
     refused(lambda: begin(w, rnd, 10), C.FAILED_PRECONDITION, "pretrain")
 
 
+def test_bad_pretrain_options_are_refused_at_open(harness):
+    before = harness.counts()
+    for options, words in (
+        ({"epochs": 0}, ("epochs",)),
+        ({"target_batch_size": "many"}, ("target_batch_size",)),
+        ({"hyperparameters": [1]}, ("hyperparameters",)),
+        ({"hyperparameters": {"algorithm": "diloco", "batch_size": 0}}, ("batch_size",)),
+    ):
+        request = pb.OpenRoundRequest(kind="pretrain", options_json=json.dumps(options))
+        refused(
+            lambda r=request: harness.admin.OpenRound(r, metadata=harness.amd), C.INVALID_ARGUMENT, *words
+        )
+    assert_unchanged(harness, before)
+
+
 def test_pretrain_round_needs_a_swarm(make_harness):
     h = make_harness(dht_peers=[])
     before = h.counts()
