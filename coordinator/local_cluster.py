@@ -100,16 +100,13 @@ class LocalClusterConfig:
         return {
             "epochs": self.pretrain_epochs,
             "target_batch_size": self.target_batch_size,
+            "algorithm": self.pretrain_algorithm,
             "hyperparameters": {
                 "batch_size": 4,
                 "inputs_length": 64,
                 "lr": 1e-3,
                 "matchmaking_time": 4.0,
-                **(
-                    {"algorithm": "diloco", "inner_steps": self.pretrain_inner_steps}
-                    if self.pretrain_algorithm == "diloco"
-                    else {}
-                ),
+                **({"inner_steps": self.pretrain_inner_steps} if self.pretrain_algorithm == "diloco" else {}),
             },
         }
 
@@ -320,11 +317,16 @@ class LocalCluster:
         )
         opened = self.admin.OpenRound(request, metadata=self.metadata)
         print(f"round {opened.id} ({kind}) open on version {opened.base_version} ...", flush=True)
-        deadline = time.monotonic() + cfg.round_timeout_s + 60
+        return self.wait_round(opened.id)
+
+    def wait_round(self, round_id: int) -> pb.Version:
+        """Wait until round ``round_id`` has a result (published, or held back by the publication gate:
+        rejected); returns its version. Fails if the round failed or was cancelled."""
+        deadline = time.monotonic() + self.config.round_timeout_s + 60
         while time.monotonic() < deadline:
             self._check_alive()
             rounds = self.admin.ListRounds(pb.ListRoundsRequest(), metadata=self.metadata).rounds
-            current = next(r for r in rounds if r.id == opened.id)
+            current = next(r for r in rounds if r.id == round_id)
             # Published, or held back by the publication gate (rejected): either way the round's version.
             done = current.state in (RoundState.PUBLISHED, RoundState.REJECTED, RoundState.MERGED)
             if done and current.HasField("result_version"):
@@ -334,7 +336,17 @@ class LocalCluster:
             if current.state in (RoundState.FAILED, RoundState.CANCELLED):
                 raise RuntimeError(f"round {current.id} {current.state}: {current.error}")
             time.sleep(1.0)
-        raise TimeoutError(f"round {opened.id} did not finish in {cfg.round_timeout_s:.0f}s")
+        raise TimeoutError(f"round {round_id} did not finish in {self.config.round_timeout_s:.0f}s")
+
+    def admin_cli(self, *args: str, timeout: float = 120) -> str:
+        """Run ``coldswarm-admin ARGS`` against this cluster's coordinator, as a user would; returns stdout."""
+        command = [
+            console_script("coldswarm-admin"),
+            f"--coordinator={self.address}",
+            f"--token-file={self.config.coordinator_dir.resolve() / 'admin.token'}",
+            *args,
+        ]
+        return subprocess.run(command, check=True, capture_output=True, text=True, timeout=timeout).stdout
 
     def download(self, ref: str, out: Path) -> list[str]:
         """Download version ``ref`` into ``out`` with the admin CLI, as a user would; returns the command."""

@@ -514,8 +514,9 @@ class SwarmTrainer:
         """What this peer's guarded averagers refused so far (callers, parts, results, states); empty unguarded."""
         totals: dict[str, int] = {}
         if self.optimizer is not None:
-            for averager in (self.optimizer.state_averager, self.optimizer.grad_averager):
-                stats = getattr(averager, "guard_stats", None)
+            # hivemind.Optimizer's two averagers; DiLoCo's state averager and pseudo-gradient ``averager``.
+            for name in ("state_averager", "grad_averager", "averager"):
+                stats = getattr(getattr(self.optimizer, name, None), "guard_stats", None)
                 for key, value in (stats() if stats else {}).items():
                     totals[key] = totals.get(key, 0) + value
         return totals

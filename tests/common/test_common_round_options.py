@@ -93,3 +93,22 @@ def test_pretrain_hyperparameters_split_data_from_swarm_options():
     )
     assert (data.batch_size, data.inputs_length) == (2, 32)
     assert swarm == {"lr": 0.1}  # epochs is PretrainTask's own field, never a swarm option
+
+
+def test_the_top_level_algorithm_is_a_shorthand_the_workers_read_in_their_hyperparameters():
+    from coldswarm.common.round_options import pretrain_task_hyperparameters
+
+    options = {"algorithm": "diloco", "hyperparameters": {"inner_steps": 50}}
+    check("pretrain", options)
+    assert pretrain_task_hyperparameters(options) == {"algorithm": "diloco", "inner_steps": 50}
+    assert pretrain_task_hyperparameters({"hyperparameters": {"lr": 0.1}}) == {"lr": 0.1}
+    check("pretrain", {"algorithm": "diloco", "hyperparameters": {"algorithm": "diloco"}})
+    for bad in ({"algorithm": 3}, {"algorithm": "diloco", "hyperparameters": {"algorithm": "sync"}}):
+        with pytest.raises(RoundOptionsError, match="agree with hyperparameters.algorithm"):
+            check("pretrain", bad)
+
+
+def test_the_gate_option_must_be_an_object():
+    check("fusion", {"gate": {"policy": "always"}})
+    with pytest.raises(RoundOptionsError, match="gate must be a JSON object"):
+        check("pretrain", {"gate": "if-better"})

@@ -1,6 +1,7 @@
 """A DiLoCo pretrain round end to end: ``coldswarm-coordinator serve --dht-listen``, two ``join-swarm``
-workers, the round opened with ``"algorithm": "diloco"``; the checkpointer collects the synchronized outer
-parameters and the round publishes them as a version."""
+workers (admitted to the swarm with coordinator-signed credentials), the round opened with ``coldswarm-admin
+round open --kind pretrain --options '{"algorithm": "diloco", ...}'``; the checkpointer collects the
+synchronized outer parameters and the round publishes them as a version."""
 
 from __future__ import annotations
 
@@ -30,7 +31,22 @@ def test_diloco_round_is_collected_and_published(tmp_path, processes):
     cluster = LocalCluster(config)
     try:
         cluster.start()
-        version = cluster.run_round("pretrain")
+        options = config.pretrain_options()
+        assert options["algorithm"] == "diloco"
+        opened = json.loads(
+            cluster.admin_cli(
+                "--json",
+                "round",
+                "open",
+                "--kind",
+                "pretrain",
+                "--quorum",
+                "2",
+                "--options",
+                json.dumps(options),
+            )
+        )
+        version = cluster.wait_round(int(opened["id"]))
         manifest = json.loads(version.manifest_json)
         assert (version.number, version.parent, version.method) == (1, 0, "pretrain")
         assert manifest["metrics"]["epoch"] == 2, manifest["metrics"]

@@ -25,7 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from swarm_peer import batches, params_of, tiny_t5, wait_for_file, write_json, write_tensors  # noqa: E402
 
+from coldswarm.swarm.authorizer import CredentialFile  # noqa: E402
 from coldswarm.swarm.parameters import swarm_parameters  # noqa: E402
+from coldswarm.swarm.security import PeerSecurity  # noqa: E402
 from coldswarm.worker.algorithms import make_trainer  # noqa: E402
 from coldswarm.worker.swarm import SwarmConfig  # noqa: E402
 
@@ -65,6 +67,11 @@ def main(argv=None) -> int:
     ap.add_argument("--join-file", default="", help="import and build everything, then join once this exists")
     ap.add_argument("--wait-file", default="", help="after joining, wait for this file before training")
     ap.add_argument("--serve", type=float, default=0.0, help="serve state this many seconds after training")
+    ap.add_argument("--identity", default="", help="this peer's identity key file (swarm_peer.admit())")
+    ap.add_argument("--credential", default="", help="its credential file")
+    ap.add_argument("--authority", default="", help="the authority's public key file")
+    ap.add_argument("--aggregator", default="centered_clip")
+    ap.add_argument("--max-state-jump", type=float, default=0.5)
     args = ap.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -93,7 +100,15 @@ def main(argv=None) -> int:
         peer_expiration=20.0,
         metrics_period=1.0,
         verbose=args.verbose,
+        aggregator=args.aggregator,
+        max_state_jump=args.max_state_jump,
     )
+    # Admitted as the coordinator admits a worker (a credential for this run): the guarded swarm.
+    security = None
+    if args.identity:
+        security = PeerSecurity(
+            args.identity, Path(args.authority).read_bytes(), CredentialFile(args.credential)
+        )
     step_log = []  # (unix time, epoch) after each step
 
     def on_progress(progress):
@@ -104,7 +119,7 @@ def main(argv=None) -> int:
             trainer.stop()
 
     wait_for_file(args.join_file)
-    trainer = make_trainer(model, config, on_progress=on_progress)
+    trainer = make_trainer(model, config, on_progress=on_progress, security=security)
     with trainer:
         # Snapshot the outer state at every change of outer epoch (several can happen within one step).
         opt = trainer.optimizer
