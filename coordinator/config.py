@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coldswarm.common import cli_args
+from coldswarm.coordinator.publication_gate import POLICIES
 
 MiB = 1024 * 1024
 
@@ -156,6 +157,8 @@ class CoordinatorConfig:
             raise ValueError("--series-interval-s must not be negative")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key (or neither)")
+        if self.publish_policy not in POLICIES:
+            raise ValueError(f"--publish-policy must be one of {list(POLICIES)}, not {self.publish_policy!r}")
         self._check_limits()
 
     def _check_limits(self) -> None:

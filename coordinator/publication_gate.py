@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from coldswarm.coordinator.lineage import flat_metrics
-from coldswarm.coordinator.states import RoundKind, _Constants
+from coldswarm.coordinator.states import RoundKind, VersionState, _Constants
 
 
 class PublishPolicy(_Constants):
@@ -49,8 +49,8 @@ GATE_KEYS = ("policy", "metric", "tolerance", "higher_is_better")
 class Decision(_Constants):
     """A gate record's ``decision``."""
 
-    PUBLISHED = "published"
-    REJECTED = "rejected"
+    PUBLISHED = VersionState.PUBLISHED  # the candidate becomes a published version
+    REJECTED = VersionState.REJECTED  # it stays a rejected version
 
 
 @dataclass(frozen=True)

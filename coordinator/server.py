@@ -77,6 +77,28 @@ class RunningServer:
         self.app.stop()
 
 
+def _grpc_server(config: CoordinatorConfig, guard: StreamGuard, metrics: CoordinatorMetrics) -> grpc.Server:
+    """The gRPC server with the coordinator's limits: message sizes, connections, the queue, interceptors."""
+    # An upload chunk is at most chunk_bytes of data plus a little framing; the coordinator refuses a
+    # larger one itself (and discards the upload), so gRPC's own limit, whose refusal the server cannot
+    # tell from a client breaking off, is set well above it. Replies (a page of a listing) stay below 1 MiB.
+    receive_limit = 4 * config.chunk_bytes + 64 * 1024
+    send_limit = max(config.chunk_bytes, 1024 * 1024) + 64 * 1024
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coldswarm-rpc"),
+        interceptors=[guard, MetricsInterceptor(metrics)],
+        options=[
+            ("grpc.max_receive_message_length", receive_limit),
+            ("grpc.max_send_message_length", send_limit),
+            ("grpc.so_reuseport", 0),
+            *CONNECTION_LIMITS,
+            *TCP_TUNING,
+        ],
+        # Calls beyond this wait for no thread: RESOURCE_EXHAUSTED at once (a queue, not a backlog).
+        maximum_concurrent_rpcs=config.threads * 8,
+    )
+
+
 def start_server(config: CoordinatorConfig) -> RunningServer:
     """Initialise the state (admin token, version 0), recover, and serve on ``config.listen``.
 
@@ -97,11 +119,6 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
     app.start()
     if collector is not None:
         collector.start(app)  # before the server takes RPCs, so every Register gets its peer
-    # An upload chunk is at most chunk_bytes of data plus a little framing; the coordinator refuses a
-    # larger one itself (and discards the upload), so gRPC's own limit, whose refusal the server cannot
-    # tell from a client breaking off, is set well above it. Replies (a page of a listing) stay below 1 MiB.
-    receive_limit = 4 * config.chunk_bytes + 64 * 1024
-    send_limit = max(config.chunk_bytes, 1024 * 1024) + 64 * 1024
     guard = StreamGuard(
         StreamLimits(
             total=config.stream_slots,
@@ -112,19 +129,7 @@ def start_server(config: CoordinatorConfig) -> RunningServer:
         ),
         caller_of=app.auth.caller_id,
     )
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coldswarm-rpc"),
-        interceptors=[guard, MetricsInterceptor(metrics)],
-        options=[
-            ("grpc.max_receive_message_length", receive_limit),
-            ("grpc.max_send_message_length", send_limit),
-            ("grpc.so_reuseport", 0),
-            *CONNECTION_LIMITS,
-            *TCP_TUNING,
-        ],
-        # Calls beyond this wait for no thread: RESOURCE_EXHAUSTED at once (a queue, not a backlog).
-        maximum_concurrent_rpcs=config.threads * 8,
-    )
+    server = _grpc_server(config, guard, metrics)
     pb_grpc.add_WorkerServiceServicer_to_server(WorkerServicer(app), server)
     pb_grpc.add_AdminServiceServicer_to_server(AdminServicer(app), server)
     health_servicer = health.HealthServicer()

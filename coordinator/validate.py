@@ -102,17 +102,7 @@ def check_contribution(
             "(docs/WIRE.md, the contribution payload)"
         ) from None
     with fh:
-        raw_meta = (fh.metadata() or {}).get("coldswarm")
-        meta: dict = {}
-        if raw_meta is not None:
-            try:
-                meta = json.loads(raw_meta)
-                if not isinstance(meta, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                raise InvalidArgument(
-                    f"the `coldswarm` metadata is not a JSON object: {quote(exc, 120)}"
-                ) from None
+        meta = _read_meta(fh)
         num_examples = _check_meta(meta)
         claimed = meta.get("base_version")
         if claimed is not None and claimed != base_version:
@@ -123,41 +113,15 @@ def check_contribution(
         names = list(fh.keys())
         if not names:
             raise InvalidArgument("the contribution holds no tensors")
-        forms = set()
-        lora = {"lora_A": set(), "lora_B": set()}
-        for name in names:
+        for name in names:  # every name is bounded before any is quoted or looked up
             if len(name) > NAME_CHARS:
                 raise InvalidArgument(
                     f"tensor {quote(name, TENSOR_QUOTE)}: the name is {len(name)} characters; the limit is {NAME_CHARS}"
                 )
+        forms = set()
+        lora = {"lora_A": set(), "lora_B": set()}
         for name in names:
-            ns, sep, rest = name.partition("/")
-            if not sep or ns not in NAMESPACES:
-                raise InvalidArgument(
-                    f"tensor {quote(name, TENSOR_QUOTE)}: names must start with one of {sorted(NAMESPACES)} and '/' "
-                    "(docs/WIRE.md, the contribution payload)"
-                )
-            target = rest if NAMESPACES[ns] == "param" else f"{rest}.weight"
-            info = base.get(target)
-            if info is None:
-                raise InvalidArgument(
-                    f"tensor {quote(name, TENSOR_QUOTE)}: the base model has no parameter {quote(target, TENSOR_QUOTE)}"
-                )
-            sl = fh.get_slice(name)
-            shape = tuple(sl.get_shape())
-            dtype = str(sl.get_dtype())
-            if dtype not in FLOAT_DTYPES:
-                raise InvalidArgument(
-                    f"tensor {quote(name, TENSOR_QUOTE)}: dtype {dtype} is not floating point (F16/BF16/F32/F64)"
-                )
-            if not _shape_ok(ns, shape, info.shape):
-                raise InvalidArgument(
-                    f"tensor {quote(name, TENSOR_QUOTE)}: shape {list(shape)} does not fit the base parameter "
-                    f"{quote(target, TENSOR_QUOTE)} of shape {list(info.shape)}"
-                )
-            tensor = fh.get_tensor(name)
-            if tensor.numel() and not _finite(tensor):
-                raise InvalidArgument(f"tensor {quote(name, TENSOR_QUOTE)} holds NaN or Inf values")
+            ns, rest = _check_tensor(fh, name, base)
             if ns in lora:
                 lora[ns].add(rest)
             if ns in FORM_OF:
@@ -171,6 +135,53 @@ def check_contribution(
     if base_dir is not None:
         _fusion_validate(path, base_dir, base_version, method)
     return ContributionSummary(form=str(form), num_tensors=len(names), meta=meta, num_examples=num_examples)
+
+
+def _read_meta(fh) -> dict:
+    """The file's ``coldswarm`` metadata as a dict (empty when absent); refused unless a JSON object."""
+    raw_meta = (fh.metadata() or {}).get("coldswarm")
+    if raw_meta is None:
+        return {}
+    try:
+        meta = json.loads(raw_meta)
+        if not isinstance(meta, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise InvalidArgument(f"the `coldswarm` metadata is not a JSON object: {quote(exc, 120)}") from None
+    return meta
+
+
+def _check_tensor(fh, name: str, base: dict[str, ParamInfo]) -> tuple[str, str]:
+    """Refuse tensor ``name`` unless its namespace, target parameter, dtype, shape and values fit the base;
+    returns (namespace, the rest of the name)."""
+    ns, sep, rest = name.partition("/")
+    if not sep or ns not in NAMESPACES:
+        raise InvalidArgument(
+            f"tensor {quote(name, TENSOR_QUOTE)}: names must start with one of {sorted(NAMESPACES)} and '/' "
+            "(docs/WIRE.md, the contribution payload)"
+        )
+    target = rest if NAMESPACES[ns] == "param" else f"{rest}.weight"
+    info = base.get(target)
+    if info is None:
+        raise InvalidArgument(
+            f"tensor {quote(name, TENSOR_QUOTE)}: the base model has no parameter {quote(target, TENSOR_QUOTE)}"
+        )
+    sl = fh.get_slice(name)
+    shape = tuple(sl.get_shape())
+    dtype = str(sl.get_dtype())
+    if dtype not in FLOAT_DTYPES:
+        raise InvalidArgument(
+            f"tensor {quote(name, TENSOR_QUOTE)}: dtype {dtype} is not floating point (F16/BF16/F32/F64)"
+        )
+    if not _shape_ok(ns, shape, info.shape):
+        raise InvalidArgument(
+            f"tensor {quote(name, TENSOR_QUOTE)}: shape {list(shape)} does not fit the base parameter "
+            f"{quote(target, TENSOR_QUOTE)} of shape {list(info.shape)}"
+        )
+    tensor = fh.get_tensor(name)
+    if tensor.numel() and not _finite(tensor):
+        raise InvalidArgument(f"tensor {quote(name, TENSOR_QUOTE)} holds NaN or Inf values")
+    return ns, rest
 
 
 def _check_meta(meta: dict) -> int:

@@ -411,73 +411,84 @@ def resolve_shard(
 
     ``split`` picks the split (train/validation/test). Records stream; nothing is read until the
     shard is iterated."""
-    from .tasks import HELDOUT_TASKS, TASKS, load_task_split
-
     head, _, rest = spec.partition(":")
     if head == "default":
-        if rest.startswith("task="):
-            names = [x for x in rest[len("task=") :].split(",") if x]
-            unknown = [x for x in names if x not in TASKS]
-            if unknown or not names:
-                raise ValueError(f"shard {spec!r}: unknown task(s) {unknown}; tasks: {sorted(TASKS)}")
-            held = [x for x in names if x in HELDOUT_TASKS]
-            if held and not allow_heldout:
-                raise ValueError(f"shard {spec!r}: {held} are held out and never in a training shard")
-            group = [(x, 0, 1) for x in names]
-        else:
-            i, n = parse_slice(rest)
-            group = default_task_groups(n)[i]
-
-        def factory(report: LoadReport) -> Iterator:
-            parts = [_every_nth(load_task_split(t, split, cache_dir=cache_dir), k, m) for t, k, m in group]
-            for rec in _interleave(parts):
-                report.records += 1
-                yield rec
-
-        desc = f"default tasks {[t for t, _, _ in group]} ({split})"
-        return Shard(spec, "instructions", desc, factory)
-
+        return _default_shard(spec, rest, split, cache_dir, allow_heldout)
     if head == "local":
-        if data_dir is None:
-            raise ValueError(f"shard {spec!r} needs a data directory (--data DIR)")
-        i, n = parse_slice(rest) if rest else (0, 1)
-        files = data_files(data_dir, "instructions")
-        if not files:
-            raise ValueError(f"shard {spec!r}: no instruction files (.jsonl/.parquet) under {data_dir}")
+        return _local_shard(spec, rest, data_dir, split, on_error)
+    if head == "corpus":
+        return _corpus_shard(spec, rest, data_dir, on_error)
+    raise ValueError(f"unknown shard spec {spec!r}: expected default:, local, local:, or corpus:")
 
-        if split not in LOCAL_SPLITS:
-            raise ValueError(f"shard {spec!r}: unknown split {split!r}; one of {list(LOCAL_SPLITS)}")
+
+def _default_shard(spec: str, rest: str, split: str, cache_dir, allow_heldout: bool) -> Shard:
+    """``default:<i>-of-<n>`` or ``default:task=<names>``: the embedded tasks (see :func:`resolve_shard`)."""
+    from .tasks import HELDOUT_TASKS, TASKS, load_task_split
+
+    if rest.startswith("task="):
+        names = [x for x in rest[len("task=") :].split(",") if x]
+        unknown = [x for x in names if x not in TASKS]
+        if unknown or not names:
+            raise ValueError(f"shard {spec!r}: unknown task(s) {unknown}; tasks: {sorted(TASKS)}")
+        held = [x for x in names if x in HELDOUT_TASKS]
+        if held and not allow_heldout:
+            raise ValueError(f"shard {spec!r}: {held} are held out and never in a training shard")
+        group = [(x, 0, 1) for x in names]
+    else:
+        i, n = parse_slice(rest)
+        group = default_task_groups(n)[i]
+
+    def factory(report: LoadReport) -> Iterator:
+        parts = [_every_nth(load_task_split(t, split, cache_dir=cache_dir), k, m) for t, k, m in group]
+        for rec in _interleave(parts):
+            report.records += 1
+            yield rec
+
+    desc = f"default tasks {[t for t, _, _ in group]} ({split})"
+    return Shard(spec, "instructions", desc, factory)
+
+
+def _local_shard(spec: str, rest: str, data_dir, split: str, on_error: str) -> Shard:
+    """``local`` or ``local:<i>-of-<n>``: the instruction files under ``data_dir``."""
+    if data_dir is None:
+        raise ValueError(f"shard {spec!r} needs a data directory (--data DIR)")
+    i, n = parse_slice(rest) if rest else (0, 1)
+    files = data_files(data_dir, "instructions")
+    if not files:
+        raise ValueError(f"shard {spec!r}: no instruction files (.jsonl/.parquet) under {data_dir}")
+    if split not in LOCAL_SPLITS:
+        raise ValueError(f"shard {spec!r}: unknown split {split!r}; one of {list(LOCAL_SPLITS)}")
+
+    def factory(report: LoadReport) -> Iterator:
+        recs = (r for f in files for r in iter_instruction_file(f, on_error, report))
+        yield from _every_nth((r for r in recs if local_split(r) == split), i, n)
+
+    return Shard(
+        spec, "instructions", f"{len(files)} local file(s) under {data_dir}, slice {i} of {n}", factory
+    )
+
+
+def _corpus_shard(spec: str, rest: str, data_dir, on_error: str) -> Shard:
+    """``corpus:<i>-of-<n>``: the corpus files under ``data_dir`` if it holds any, else the default corpus."""
+    i, n = parse_slice(rest)
+    files = data_files(data_dir, "corpus") if data_dir is not None and Path(data_dir).is_dir() else []
+    if files:
 
         def factory(report: LoadReport) -> Iterator:
-            recs = (r for f in files for r in iter_instruction_file(f, on_error, report))
-            yield from _every_nth((r for r in recs if local_split(r) == split), i, n)
+            docs = (d for f in files for d in iter_corpus_file(f, on_error, report))
+            yield from _every_nth(docs, i, n)
 
         return Shard(
-            spec, "instructions", f"{len(files)} local file(s) under {data_dir}, slice {i} of {n}", factory
+            spec, "corpus", f"{len(files)} corpus file(s) under {data_dir}, slice {i} of {n}", factory
         )
 
-    if head == "corpus":
-        i, n = parse_slice(rest)
-        files = data_files(data_dir, "corpus") if data_dir is not None and Path(data_dir).is_dir() else []
-        if files:
+    from .corpus import CorpusConfig, document
 
-            def factory(report: LoadReport) -> Iterator:
-                docs = (d for f in files for d in iter_corpus_file(f, on_error, report))
-                yield from _every_nth(docs, i, n)
+    cfg = CorpusConfig()
 
-            return Shard(
-                spec, "corpus", f"{len(files)} corpus file(s) under {data_dir}, slice {i} of {n}", factory
-            )
+    def default_factory(report: LoadReport) -> Iterator:
+        for k in range(i, cfg.num_docs, n):
+            report.records += 1
+            yield document(cfg.seed, k)
 
-        from .corpus import CorpusConfig, document
-
-        cfg = CorpusConfig()
-
-        def factory(report: LoadReport) -> Iterator:
-            for k in range(i, cfg.num_docs, n):
-                report.records += 1
-                yield document(cfg.seed, k)
-
-        return Shard(spec, "corpus", f"default corpus, slice {i} of {n}", factory)
-
-    raise ValueError(f"unknown shard spec {spec!r}: expected default:, local, local:, or corpus:")
+    return Shard(spec, "corpus", f"default corpus, slice {i} of {n}", default_factory)

@@ -130,45 +130,12 @@ class DiLoCoOptimizer:
         self.anchor = [
             p.detach().to("cpu", torch.float32, copy=True).requires_grad_(True) for p in self.params
         ]
-        state_averager = (
-            TrainingStateAverager
-            if state_guard is None
-            else functools.partial(GuardedTrainingStateAverager, guard=state_guard)
-        )
-        self.state_averager = state_averager(
-            dht=dht,
-            prefix=state_prefix(cfg.run_id),
-            optimizer=outer_optimizer_factory(cfg.outer_lr, cfg.outer_momentum),
-            params=self.anchor,
-            offload_optimizer=True,
-            custom_gradients=True,
-            initialize_optimizer=True,  # a zero step: the momentum buffers exist (and are served) from the start
-            min_matchmaking_time=cfg.matchmaking_time,
-            request_timeout=cfg.request_timeout,
-            allreduce_timeout=cfg.averaging_timeout,
-            next_chunk_timeout=cfg.load_state_timeout,
-            state_compression=load_state_compression or NoCompression(),
-            client_mode=cfg.client_mode,
-            status_loglevel=self.status_loglevel,
-            start=True,
-        )
+        self.state_averager = self._outer_state_averager(state_guard, load_state_compression)
         self.outer_params = [
             p for group in self.state_averager.optimizer.param_groups for p in group["params"]
         ]
         self.sent_from = [torch.zeros_like(a, requires_grad=False) for a in self.anchor]
-        self.averager = PseudoGradientAverager(
-            [torch.zeros_like(p, requires_grad=False) for p in self.outer_params],
-            dht,
-            guard=sync_guard or AveragerGuard(aggregation=RobustAggregation(aggregator="mean")),
-            prefix=pseudo_grad_prefix(cfg.run_id),
-            min_matchmaking_time=cfg.matchmaking_time,
-            request_timeout=cfg.request_timeout,
-            allreduce_timeout=cfg.averaging_timeout,
-            next_chunk_timeout=cfg.averaging_timeout,
-            compression=compression or NoCompression(),
-            client_mode=cfg.client_mode,
-            start=True,
-        )
+        self.averager = self._pseudo_gradient_averager(sync_guard, compression)
         # The outer optimizer reads the averaged pseudo-gradient straight from the all-reduce's buffers.
         with self.averager.get_tensors() as buffers:
             for param, buffer in zip(self.outer_params, buffers, strict=True):
@@ -204,6 +171,51 @@ class DiLoCoOptimizer:
             overlapped_steps=0,  # inner steps taken while a sync was in flight
             sync_seconds=0.0,  # launch-to-result time of the syncs that succeeded, summed
             inner_steps=0,
+        )
+
+    def _outer_state_averager(self, guard: AveragerGuard | None, load_state_compression):
+        """The outer state: a TrainingStateAverager whose offloaded parameters are the outer parameters and
+        whose optimizer is the outer Nesterov SGD; served to late joiners and the checkpointer."""
+        cfg = self.config
+        cls = (
+            TrainingStateAverager
+            if guard is None
+            else functools.partial(GuardedTrainingStateAverager, guard=guard)
+        )
+        return cls(
+            dht=self.dht,
+            prefix=state_prefix(cfg.run_id),
+            optimizer=outer_optimizer_factory(cfg.outer_lr, cfg.outer_momentum),
+            params=self.anchor,
+            offload_optimizer=True,
+            custom_gradients=True,
+            initialize_optimizer=True,  # a zero step: the momentum buffers exist (and are served) from the start
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=cfg.request_timeout,
+            allreduce_timeout=cfg.averaging_timeout,
+            next_chunk_timeout=cfg.load_state_timeout,
+            state_compression=load_state_compression or NoCompression(),
+            client_mode=cfg.client_mode,
+            status_loglevel=self.status_loglevel,
+            start=True,
+        )
+
+    def _pseudo_gradient_averager(self, guard: AveragerGuard | None, compression) -> PseudoGradientAverager:
+        """The all-reduce of the pseudo-gradients, over buffers shaped like the outer parameters; without a
+        guard, open and the plain mean (a benchmark's baseline)."""
+        cfg = self.config
+        return PseudoGradientAverager(
+            [torch.zeros_like(p, requires_grad=False) for p in self.outer_params],
+            self.dht,
+            guard=guard or AveragerGuard(aggregation=RobustAggregation(aggregator="mean")),
+            prefix=pseudo_grad_prefix(cfg.run_id),
+            min_matchmaking_time=cfg.matchmaking_time,
+            request_timeout=cfg.request_timeout,
+            allreduce_timeout=cfg.averaging_timeout,
+            next_chunk_timeout=cfg.averaging_timeout,
+            compression=compression or NoCompression(),
+            client_mode=cfg.client_mode,
+            start=True,
         )
 
     # -- the interface SwarmTrainer uses -------------------------------------------------------------------

@@ -108,6 +108,22 @@ def test_download_resumes_verifies_and_loads(harness, tmp_path, tiny_model, caps
     assert json.loads(text)["bytes_fetched"] == 0
 
 
+def test_a_partial_whose_bytes_are_wrong_is_fetched_again_from_zero(harness, tmp_path, tiny_model, capsys):
+    # The bytes already on disk are hashed with those that arrive (nothing is read back afterwards), so a
+    # partial with a corrupt prefix fails the whole file's sha256 and is fetched again whole, once.
+    out = tmp_path / "v0"
+    out.mkdir()
+    weights = (tiny_model / "model.safetensors").read_bytes()
+    half = bytearray(weights[: len(weights) // 2])
+    half[len(half) // 3] ^= 0xFF
+    (out / "model.safetensors.part").write_bytes(bytes(half))
+    rc, text, err = admin(harness, "--json", "download", "latest", "--out", str(out), capsys=capsys)
+    assert rc == 0, err
+    listed = harness.admin.GetVersion(pb.GetVersionRequest(version="0"), metadata=harness.amd).files
+    assert json.loads(text)["bytes_fetched"] == sum(f.size for f in listed) + len(weights) - len(half)
+    assert (out / "model.safetensors").read_bytes() == weights and not list(out.glob("*.part"))
+
+
 def test_publish_rollback_merge_after_a_round(harness, tiny_model, capsys):
     rnd = harness.open_fusion(quorum=2)
     for seed in (1, 2):

@@ -214,3 +214,11 @@ def test_a_pretrain_result_that_got_worse_is_held_back(gated, tiny_model, tmp_pa
     app.rounds.close_round(rnd.id, reason="collected")
     assert app.rounds.get(rnd.id).state == RoundState.REJECTED
     assert app.versions.current() == 0
+
+
+def test_the_coordinators_default_policy_is_checked_at_start():
+    from coldswarm.coordinator.config import CoordinatorConfig
+
+    assert CoordinatorConfig().publish_policy == PublishPolicy.IF_BETTER
+    with pytest.raises(ValueError, match="--publish-policy must be one of"):
+        CoordinatorConfig(publish_policy="sometimes")
