@@ -48,8 +48,18 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
+def _channels(address: str, n: int) -> list:
+    """``n`` client connections. Each channel gets its own subchannel pool: grpc otherwise puts channels to
+    the same target on one shared TCP connection, and 500 calls at once on one connection exceed the
+    coordinator's 100 concurrent streams per connection (REFUSED_STREAM, seen as UNAVAILABLE). Real workers
+    are separate processes, one connection each."""
+    return [
+        grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(n)
+    ]
+
+
 async def run_workers(address: str, tokens: list[str], interval: float, duration: float, channels: int):
-    chans = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+    chans = _channels(address, channels)
     stubs = [pb_grpc.WorkerServiceStub(c) for c in chans]
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -85,7 +95,7 @@ async def run_workers(address: str, tokens: list[str], interval: float, duration
 
 
 async def burst(address: str, tokens: list[str], rounds: int, channels: int):
-    chans = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+    chans = _channels(address, channels)
     stubs = [pb_grpc.WorkerServiceStub(c) for c in chans]
     latencies: list[float] = []
     errors: dict[str, int] = {}
@@ -99,12 +109,16 @@ async def burst(address: str, tokens: list[str], rounds: int, channels: int):
             latencies.append(time.perf_counter() - t0)
         except grpc.aio.AioRpcError as exc:
             errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+            examples.setdefault(exc.code().name, (exc.details() or "")[:160])
 
+    examples: dict[str, str] = {}
     for _ in range(rounds):
         await asyncio.gather(*(one(i, t) for i, t in enumerate(tokens)))
         await asyncio.sleep(0.5)
     for c in chans:
         await c.close()
+    for code, detail in examples.items():
+        print(f"  e.g. {code}: {detail}")
     return latencies, errors
 
 

@@ -64,8 +64,10 @@ def fetch_file(
     if offset > entry.size:
         part.unlink()
         offset = 0
-    # Hashed as it arrives (after the bytes already on disk), not read back afterwards: reading a
-    # freshly written file again cost about as much as receiving it (benchmarks/transfer.py).
+    # Hashed as it arrives (after the bytes already on disk), not read back afterwards: a model shard larger
+    # than the page cache would otherwise come off the disk a second time. (A writer thread to overlap hashing
+    # with receiving gained nothing on 2 cores, where the coordinator's send, gRPC's receive and sha256 already
+    # compete for both: benchmarks/transfer.py.)
     digest = hash_prefix(part, offset) if offset else hashlib.sha256()
     if offset < entry.size:
         with open(part, "ab") as fh:
@@ -75,7 +77,9 @@ def fetch_file(
                     if chunk.offset != offset:
                         raise DownloadError(f"{entry.path}: chunk at {chunk.offset}, expected {offset}")
                     if offset + len(chunk.data) > entry.size:
-                        raise DownloadError(f"{entry.path}: the coordinator sent more than its {entry.size} bytes")
+                        raise DownloadError(
+                            f"{entry.path}: the coordinator sent more than its {entry.size} bytes"
+                        )
                     fh.write(chunk.data)
                     digest.update(chunk.data)
                     offset += len(chunk.data)
