@@ -290,21 +290,29 @@ class Checkpointer:
         # TrainingStateAverager serves, from admitted peers only, and refuses a state that is not finite or moved
         # more than `jump` from the base (then asks the next peer). It never steps (never joins an averaging
         # group) and offers no state of its own (allow_state_sharing=False), so it changes nothing in the swarm.
-        averager = _state_downloader_class()(
-            [t.clone() for t in base],
-            self.dht,
-            guard=AveragerGuard(admitted=self.security.admitted(run_id), max_state_jump=jump or None),
-            prefix=state_prefix(run_id),
-            start=True,
-            allow_state_sharing=False,
-            request_timeout=self.config.request_timeout,
-            next_chunk_timeout=self.config.load_state_timeout,
-        )
-        try:
-            metadata, loaded = self._download(averager, run_id, min_epoch, deadline)
-        finally:
-            averager.shutdown()
-        return int(metadata["epoch"]), loaded
+        guard = AveragerGuard(admitted=self.security.admitted(run_id), max_state_jump=jump or None)
+        while True:
+            averager = _state_downloader_class()(
+                [t.clone() for t in base],
+                self.dht,
+                guard=guard,
+                prefix=state_prefix(run_id),
+                start=True,
+                allow_state_sharing=False,
+                request_timeout=self.config.request_timeout,
+                next_chunk_timeout=self.config.load_state_timeout,
+            )
+            try:
+                metadata, loaded = self._download(averager, run_id, min_epoch, deadline)
+                return int(metadata["epoch"]), loaded
+            except _NoDonors:
+                # Seen on a heavily loaded machine: a downloader whose every lookup found no state donor for
+                # many seconds while the peers served. A fresh one (new process, new DHT handle) is cheap.
+                logger.warning(
+                    "run %s: no state donor found for a while; starting a fresh downloader", run_id
+                )
+            finally:
+                averager.shutdown()
 
     def announce_end(self, run_id: str) -> None:
         """Tell the run's peers serving their state that nothing will be collected (the round was cancelled
@@ -342,7 +350,7 @@ class Checkpointer:
     def _download(self, averager, run_id: str, min_epoch: int, deadline: float):
         # load_state_from_peers asks the peer with the highest declared priority (= its epoch); peers refresh
         # that declaration every epoch, so retry until one at min_epoch answers.
-        best_epoch, attempts = None, 0
+        best_epoch, attempts, empty = None, 0, 0
         while True:
             attempts += 1
             remaining = deadline - time.monotonic()
@@ -350,11 +358,19 @@ class Checkpointer:
                 break
             result = averager.load_state_from_peers(timeout=min(self.config.load_state_timeout, remaining))
             if result is not None:
+                empty = 0
                 metadata, loaded = result
                 epoch = metadata.get("epoch") if isinstance(metadata, dict) else None
                 if isinstance(epoch, int) and epoch >= min_epoch:
                     return metadata, loaded
                 best_epoch = epoch if best_epoch is None else max(best_epoch, epoch or 0)
+            else:
+                empty += 1
+                if (
+                    empty >= _EMPTY_LOOKUPS_BEFORE_RESTART
+                    and deadline - time.monotonic() > 4 * self.config.poll_interval
+                ):
+                    raise _NoDonors()
             time.sleep(min(self.config.poll_interval, max(0.0, deadline - time.monotonic())))
         try:
             refused = averager.refusals()
@@ -401,6 +417,14 @@ def _base_model(base_model_dir: Path):
     # where the base keeps its own lm_head, and the swarm's trained lm_head would be lost.
     model = AutoModelForSeq2SeqLM.from_pretrained(base_model_dir, dtype=torch.float32)
     return model, swarm_parameters(model)
+
+
+#: consecutive collection attempts that got no state before the downloader is replaced by a fresh one
+_EMPTY_LOOKUPS_BEFORE_RESTART = 8
+
+
+class _NoDonors(Exception):
+    """The downloader found nothing for ``_EMPTY_LOOKUPS_BEFORE_RESTART`` attempts in a row."""
 
 
 def _checked_state(run_id: str, named, loaded: list) -> list[torch.Tensor]:

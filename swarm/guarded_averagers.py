@@ -283,7 +283,13 @@ class GuardedAveragerMixin:
             timeout = self.next_chunk_timeout if self.next_chunk_timeout is not None else self.request_timeout
         try:
             key_manager = self._matchmaking.group_key_manager
-            found = await self.dht.get(f"{key_manager.prefix}.all_averagers", latest=True, return_future=True)
+            try:
+                found = await self.dht.get(
+                    f"{key_manager.prefix}.all_averagers", latest=True, return_future=True
+                )
+            except Exception as exc:  # said in the collector's error, which quotes the latest reasons
+                self._refusal_log.append(f"the DHT lookup of state donors failed: {exc!r}"[:300])
+                raise
             peer_priority, _ = found or ({}, None)
             if not isinstance(peer_priority, dict):
                 peer_priority = {}
@@ -296,6 +302,7 @@ class GuardedAveragerMixin:
                 and not isinstance(info.value, bool)
             }
             if not peer_priority:
+                self._refusal_log.append("no peer offered its state on the DHT")
                 log.info("averager could not load state from peers: no peer offers its state")
                 future.set_result(None)
                 return

@@ -13,6 +13,7 @@ from hivemind.averaging import DecentralizedAverager
 
 from coldswarm.coordinator.checkpointer import _state_downloader_class
 from coldswarm.swarm.dht import start_dht
+from coldswarm.swarm.guarded_averagers import AveragerGuard
 from coldswarm.swarm.sigint import preserve_sigint
 
 
@@ -38,7 +39,10 @@ def main() -> None:
 
         def start_off_main_thread():
             try:
-                averager = _state_downloader_class()([torch.zeros(4)], dht, prefix="bg", start=True)
+                # As the checkpointer builds it: guarded (here with no admission list: anyone may serve).
+                averager = _state_downloader_class()(
+                    [torch.zeros(4)], dht, guard=AveragerGuard(), prefix="bg", start=True
+                )
                 outcome.append("alive" if averager.is_alive() else "dead")
                 averager.shutdown()
             except Exception as exc:
