@@ -111,6 +111,16 @@ class GuardedAveragerMixin:
     #: the hivemind class whose RPC names this one answers to (hivemind names RPCs after the class)
     _wire_name: ClassVar[str | None] = None
 
+    def __init_subclass__(cls, **kwargs):
+        # hivemind's ServicerBase caches a class's RPC handlers and stub type in class attributes and tests
+        # them with `cls._rpc_handlers is not None`, which an inherited value passes. Once any process-wide
+        # code has built DecentralizedAverager's stub (e.g. `DecentralizedAverager.get_stub(...)`), a subclass
+        # without its own would call "...::DecentralizedAverager.rpc_download_state", which peers do not serve
+        # (every state download then failed). Each guarded class builds its own, with its `_wire_name`.
+        super().__init_subclass__(**kwargs)
+        cls._rpc_handlers = None
+        cls._stub_type = None
+
     def __init__(self, *args, guard: AveragerGuard, **kwargs):
         # Set before hivemind's __init__ forks the averager's process (start=True), which inherits them.
         self._guard = guard
