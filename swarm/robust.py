@@ -19,17 +19,20 @@ norm. Weights above ``max_weight_ratio`` times the group's median weight are cut
 
 **As a sender** (:class:`ScreenedPartContainer`), a peer checks every other reducer's returned average
 before applying it. It refuses one that is not finite, or that moved its own parts by more (relative L2,
-``||average - own|| / ||own||`` over the reducer's whole slice) than ``result_tolerance`` times what its own,
-trusted, robust reduction moved its own slice (or ``result_floor``, if larger). A refused reducer counts as
-failed: for its slice this peer keeps its own values, as hivemind does when a reducer disappears. A peer
-with no slice of its own (client mode) can only check finiteness.
+``||average - own|| / ||own||`` over the reducer's whole slice) than ``result_tolerance`` times the median of
+that move over all the group's reducers, its own trusted robust reduction included (or ``result_floor``, if
+larger). The median, not its own slice's move alone: how far peers have drifted apart differs from slice to
+slice (after a refused slice, say, the peers differ there and nowhere else), and the median of the moves is
+set by the honest majority of reducers wherever the drift lies. A refused reducer counts as failed: for its
+slice this peer keeps its own values, as hivemind does when a reducer disappears. A peer with no slice of
+its own (client mode) can only check finiteness.
 
 Reducers are chosen evenly: the bandwidths peers announce are ignored (an announced bandwidth would let one
 peer take the whole vector to reduce).
 
 With a majority of honest peers in a group, one attacker therefore cannot make an honest peer's result
 non-finite, and moves it at most by about ``tau`` (as a reducer's input) or by ``result_tolerance`` times the
-honest spread (as a reducer). In a group of two, no aggregator can tell the honest peer from the other;
+honest reducers' median move (as a reducer), per all-reduce. In a group of two, no aggregator can tell the honest peer from the other;
 CenteredClip is then the plain mean, and only the finiteness checks hold.
 """
 
@@ -38,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -86,10 +90,10 @@ class RobustAggregation:
         default=2.0, metadata={"help": "a sender's weight counts at most this many times the group's median"}
     )
     result_tolerance: float = field(
-        default=16.0,
+        default=8.0,
         metadata={
             "help": "refuse a reducer's average that moves our parts (relative L2) more than this many times "
-            "our own reduction moved our own slice"
+            "the median move over the group's reducers (ours included)"
         },
     )
     result_floor: float = field(
@@ -282,23 +286,28 @@ class ScreenedPartContainer(TensorPartContainer):
 
     def screen_results(self) -> None:
         """Refuse the slices of reducers whose average is not finite or moved this peer's parts too far."""
-        own_slice = self.num_parts_by_peer[self.own_index] > 0
+        reducers = [i for i in range(self.group_size) if self._output_parts_by_peer[i]]
+        finite = {
+            i: all(bool(torch.isfinite(d).all()) for d in self._output_parts_by_peer[i]) for i in reducers
+        }
         allowed = None
-        if own_slice:
+        if self.num_parts_by_peer[self.own_index] > 0:  # else (client mode) only finiteness can be checked
+            # A non-finite average counts as an infinite move: it still cannot shift the median of a group
+            # whose reducers are mostly honest.
+            moves = {i: self._relative_move(i) if finite[i] else math.inf for i in reducers}
             allowed = max(
-                self.config.result_tolerance * self._relative_move(self.own_index), self.config.result_floor
+                self.config.result_tolerance * statistics.median(moves.values()), self.config.result_floor
             )
-        for peer_index in range(self.group_size):
-            if peer_index == self.own_index or not self._output_parts_by_peer[peer_index]:
+        for peer_index in reducers:
+            if peer_index == self.own_index:
                 continue
-            if not all(bool(torch.isfinite(d).all()) for d in self._output_parts_by_peer[peer_index]):
+            if not finite[peer_index]:
                 self._refuse(peer_index, "its average is not finite")
-            elif allowed is not None:
-                moved = self._relative_move(peer_index)
-                if moved > allowed:
-                    self._refuse(
-                        peer_index, f"its average moved our parts by {moved:.3g} (allowed {allowed:.3g})"
-                    )
+            elif allowed is not None and moves[peer_index] > allowed:
+                moved = moves[peer_index]
+                self._refuse(
+                    peer_index, f"its average moved our parts by {moved:.3g} (allowed {allowed:.3g})"
+                )
 
     async def iterate_output_tensors(self):
         await self._wait_for_all_results()

@@ -111,10 +111,10 @@ def _container(deltas: dict[int, torch.Tensor], refused: list) -> ScreenedPartCo
     return container
 
 
-def test_sender_screens_reducers_results_against_its_own_slice():
+def test_sender_screens_reducers_results_against_the_median_move():
     refused = []
     own = torch.full((100,), 0.1)  # our robust reduction moved our slice by 10%
-    honest = torch.full((100,), -0.3)  # another reducer's: 30%, within 16x ours
+    honest = torch.full((100,), -0.3)  # another reducer's: 30%; the median of the three moves
     hostile = torch.full((100,), 3000.0)  # a plain mean with a x1e4 part in it
     container = _container({0: own, 1: honest, 2: hostile}, refused)
     container.screen_results()
@@ -129,4 +129,32 @@ def test_sender_screens_reducers_results_against_its_own_slice():
     container = _container({0: own, 1: nan, 2: honest}, refused)
     container.screen_results()
     assert [peer for peer, _ in refused] == [1] and "not finite" in refused[0][1]
+    container.finished.set()
+
+
+def test_a_slice_where_the_peers_drifted_apart_is_not_mistaken_for_an_attack():
+    """The peers agree on our own slice (our reduction barely moved it) but drifted apart on an honest
+    reducer's slice; an attacker's average sits 8.6x beyond that: the honest one is applied, the attacker's
+    refused (a yardstick of our own slice's move alone would refuse both, or neither if set loose enough to
+    keep the honest one)."""
+    refused = []
+    own = torch.full((100,), 0.0002)
+    honest = torch.full((100,), 0.00777)
+    hostile = torch.full((100,), 0.0667)
+    container = _container({0: own, 1: honest, 2: hostile}, refused)
+    container.screen_results()
+    assert [peer for peer, _ in refused] == [2], refused
+    assert "allowed 0.0622" in refused[0][1]
+    assert torch.equal(container._output_parts_by_peer[1][0], honest)
+    container.finished.set()
+
+
+def test_moves_within_the_floor_are_always_applied():
+    """Lossy codecs move every slice a little: below ``result_floor`` nothing is refused."""
+    refused = []
+    container = _container(
+        {0: torch.zeros(100), 1: torch.full((100,), 1e-5), 2: torch.full((100,), 9e-4)}, refused
+    )
+    container.screen_results()
+    assert refused == []
     container.finished.set()
