@@ -32,8 +32,8 @@ peer take the whole vector to reduce).
 
 With a majority of honest peers in a group, one attacker therefore cannot make an honest peer's result
 non-finite, and moves it at most by about ``tau`` (as a reducer's input) or by ``result_tolerance`` times the
-honest reducers' median move (as a reducer), per all-reduce. In a group of two, no aggregator can tell the honest peer from the other;
-CenteredClip is then the plain mean, and only the finiteness checks hold.
+honest reducers' median move (as a reducer), per all-reduce. In a group of two, no aggregator can tell the
+honest peer from the other; CenteredClip is then the plain mean, and only the finiteness checks hold.
 """
 
 from __future__ import annotations
