@@ -135,8 +135,7 @@ def test_sender_screens_reducers_results_against_the_median_move():
 def test_a_slice_where_the_peers_drifted_apart_is_not_mistaken_for_an_attack():
     """The peers agree on our own slice (our reduction barely moved it) but drifted apart on an honest
     reducer's slice; an attacker's average sits 8.6x beyond that: the honest one is applied, the attacker's
-    refused (a yardstick of our own slice's move alone would refuse both, or neither if set loose enough to
-    keep the honest one)."""
+    refused (the earlier yardstick, 16x our own slice's move, refused both: these are a logged run's moves)."""
     refused = []
     own = torch.full((100,), 0.0002)
     honest = torch.full((100,), 0.00777)
