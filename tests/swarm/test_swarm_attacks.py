@@ -15,9 +15,9 @@ thousands of times further (issue 12 measured 2,238 L2 against 0.5) and NaN make
 Why a few displacements and not one: the guards bound an admitted attacker's pull per all-reduce by the
 honest spread (CenteredClip's radius is the group's median distance; the result screen allows a multiple of
 the honest reducers' median move), and with two honest peers on batches of 4 samples (48 per step) that
-spread is as large as the gradient itself; the honest peers also lose the averaging of the attacker's slice (they keep
-their own values there). Measured over full-suite and module runs: 0.44-0.61 in most runs of the x1e4
-attack, 1.83 once; 3.2 once under the earlier screen (16x our own slice's move), which the median screen
+spread is as large as the gradient itself; the honest peers also lose the averaging of the attacker's slice
+(they keep their own values there). Measured over full-suite and module runs: 0.44-0.62 in most runs of the
+x1e4 attack, 1.83 once; 3.2 once under the earlier screen (16x our own slice's move), which the median screen
 replaced.
 """
 
