@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format proto clean
+.PHONY: demo demo-long test lint format proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(VENV)/bin/coldswarm-local
+
+# The long preset (README, "The long preset"): the recipe that teaches the seen tasks.
+demo-long: $(STAMP)
+	$(VENV)/bin/coldswarm-local --preset long --run-dir runs/long
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: $(STAMP)

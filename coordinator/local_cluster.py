@@ -35,11 +35,38 @@ from coldswarm.coordinator.states import RoundKind, RoundState, VersionState, Wo
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
+#: Named recipes: the flags' values each sets (flags given explicitly still win). ``demo`` is the
+#: defaults, what ``make demo`` runs in minutes; ``long`` is the recipe that teaches the seen tasks
+#: (README, "The long preset": its measured table and time). Full finetuning, averaged, is ColD
+#: Fusion's own recipe.
+PRESETS: dict[str, dict[str, object]] = {
+    "demo": {},
+    "long": {
+        "pretrain_rounds": 1,
+        "fusion_rounds": 6,
+        "method": "average",
+        "peft": "full",
+        "fusion_steps": 400,
+        "fusion_lr": 3e-4,
+        "fusion_batch_size": 32,
+        "round_timeout_s": 2400.0,
+    },
+}
+
 
 @dataclass
 class LocalClusterConfig:
     """What ``coldswarm-local`` runs; every field is a flag."""
 
+    preset: str = field(
+        default="demo",
+        metadata={
+            "help": "a named recipe that sets the flags below (explicit flags win): demo, the defaults"
+            " shown here (minutes); long, 6 fusion rounds of 400 full-finetuning steps at lr 3e-4, batch"
+            " 32, merged with average (see the README)",
+            "choices": tuple(PRESETS),
+        },
+    )
     workers: int = field(default=2, metadata={"help": "join-swarm worker processes"})
     run_dir: Path = field(
         default=Path("runs/local"), metadata={"help": "where the coordinator and workers keep state"}
@@ -51,6 +78,10 @@ class LocalClusterConfig:
     method: str = field(default="fisher", metadata={"help": "merge method of fusion rounds"})
     peft: str = field(default="lora", metadata={"help": "lora, ia3 or full"})
     fusion_steps: int = field(default=60, metadata={"help": "finetuning steps per worker per fusion round"})
+    fusion_lr: float = field(
+        default=0.0, metadata={"help": "fusion learning rate (0: the PEFT method's default)"}
+    )
+    fusion_batch_size: int = field(default=8, metadata={"help": "examples per fusion step"})
     pretrain_epochs: int = field(default=3, metadata={"help": "swarm optimizer epochs per pretrain round"})
     target_batch_size: int = field(default=32, metadata={"help": "samples per swarm optimizer epoch"})
     pretrain_algorithm: str = field(
@@ -80,14 +111,19 @@ class LocalClusterConfig:
     def join_token_file(self) -> Path:
         return self.coordinator_dir / "join.token"
 
-    def fusion_options(self) -> dict:
-        """A fusion round's options as the coordinator takes them (statistics follow the merge method)."""
+    def fusion_options(self, round_index: int = 0) -> dict:
+        """A fusion round's options as the coordinator takes them (statistics follow the merge method).
+
+        ``round_index`` (0 for the first fusion round) seeds the shuffle, so that each round trains on
+        the shard in a new order rather than on the same first examples again."""
         return {
             "peft_method": self.peft,
             "codec": "bytegroup",
             "hyperparameters": {
                 "steps": self.fusion_steps,
-                "batch_size": 8,
+                "batch_size": self.fusion_batch_size,
+                "lr": self.fusion_lr,
+                "seed": round_index,
                 "max_input_length": 96,
                 "eval_examples": 16,
                 "fisher_examples": 32,
@@ -305,9 +341,10 @@ class LocalCluster:
 
     # -- rounds -------------------------------------------------------------------------------
 
-    def run_round(self, kind: str) -> pb.Version:
+    def run_round(self, kind: str, index: int = 0) -> pb.Version:
+        """Open round ``index`` of its kind (0 for the first) and wait for its version."""
         cfg = self.config
-        options = cfg.fusion_options() if kind == RoundKind.FUSION else cfg.pretrain_options()
+        options = cfg.fusion_options(index) if kind == RoundKind.FUSION else cfg.pretrain_options()
         request = pb.OpenRoundRequest(
             kind=kind,
             quorum=cfg.workers,
@@ -438,9 +475,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_config(argv: list[str] | None = None) -> LocalClusterConfig:
+    """The flags as a config: the ``--preset``'s values first, then every flag given explicitly."""
+    parser = build_parser()
+    preset = parser.parse_args(argv).preset
+    parser.set_defaults(**PRESETS[preset])
+    return LocalClusterConfig(**vars(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    config = LocalClusterConfig(**vars(args))
+    config = parse_config(argv)
     cluster = LocalCluster(config)
 
     def terminate(signum, _frame):
@@ -453,8 +497,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(summarise(cluster.version("latest")))
         print_table(rows)
         cluster.write_versions_json()
-        for kind in [RoundKind.PRETRAIN] * config.pretrain_rounds + [RoundKind.FUSION] * config.fusion_rounds:
-            rows.append(summarise(cluster.run_round(kind)))
+        plan = [(RoundKind.PRETRAIN, i) for i in range(config.pretrain_rounds)]
+        plan += [(RoundKind.FUSION, i) for i in range(config.fusion_rounds)]
+        for kind, index in plan:
+            rows.append(summarise(cluster.run_round(kind, index)))
             print()
             print_table(rows)
             cluster.write_versions_json()

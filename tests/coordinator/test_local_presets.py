@@ -1,0 +1,42 @@
+"""``coldswarm-local --preset``: a named recipe sets flags; a flag given explicitly still wins."""
+
+import dataclasses
+
+import pytest
+
+from coldswarm.common.round_options import FusionHyperparameters
+from coldswarm.coordinator.local_cluster import PRESETS, LocalClusterConfig, parse_config
+
+
+def test_the_demo_preset_is_the_defaults():
+    assert parse_config([]) == LocalClusterConfig()
+    assert parse_config(["--preset", "demo"]) == LocalClusterConfig()
+
+
+def test_the_long_preset_sets_its_values_and_explicit_flags_win():
+    long = parse_config(["--preset", "long"])
+    for name, value in PRESETS["long"].items():
+        assert getattr(long, name) == value, name
+    tuned = parse_config(["--fusion-rounds", "3", "--preset", "long", "--method", "ties"])
+    assert (tuned.fusion_rounds, tuned.method, tuned.peft) == (3, "ties", "full")
+
+
+def test_every_preset_names_real_fields():
+    names = {f.name for f in dataclasses.fields(LocalClusterConfig)}
+    for preset in PRESETS.values():
+        assert set(preset) <= names
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_round_shuffles_anew_with_options_a_worker_accepts(preset):
+    config = parse_config(["--preset", preset])
+    first, second = config.fusion_options(0), config.fusion_options(1)
+    assert first["hyperparameters"]["seed"] != second["hyperparameters"]["seed"]
+    hp = FusionHyperparameters.from_options({"peft_method": config.peft, **first["hyperparameters"]})
+    assert (hp.steps, hp.batch_size) == (config.fusion_steps, config.fusion_batch_size)
+
+
+def test_an_unknown_preset_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--preset", "huge"])
+    assert "invalid choice" in capsys.readouterr().err
