@@ -43,7 +43,6 @@ PRESETS: dict[str, dict[str, object]] = {
     "demo": {},
     "long": {
         "pretrain_rounds": 1,
-        "pretrain_epochs": 20,
         "fusion_rounds": 6,
         "method": "average",
         "peft": "full",
@@ -63,8 +62,8 @@ class LocalClusterConfig:
         default="demo",
         metadata={
             "help": "a named recipe that sets the flags below (explicit flags win): demo, the defaults"
-            " shown here (minutes); long, a 20-epoch pretrain round, then 6 fusion rounds of 400"
-            " full-finetuning steps at lr 3e-4, batch 32, merged with average (see the README)",
+            " shown here (minutes); long, 6 fusion rounds of 400 full-finetuning steps at lr 3e-4, batch"
+            " 32, merged with average (see the README)",
             "choices": tuple(PRESETS),
         },
     )
