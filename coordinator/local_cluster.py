@@ -43,7 +43,9 @@ PRESETS: dict[str, dict[str, object]] = {
     "demo": {},
     "long": {
         "pretrain_rounds": 1,
-        "fusion_rounds": 6,
+        "pretrain_epochs": 20,
+        "fusion_rounds": 8,
+        "fusion_shards": "default-mixed",
         "method": "average",
         "peft": "full",
         "fusion_steps": 400,
@@ -62,8 +64,9 @@ class LocalClusterConfig:
         default="demo",
         metadata={
             "help": "a named recipe that sets the flags below (explicit flags win): demo, the defaults"
-            " shown here (minutes); long, 6 fusion rounds of 400 full-finetuning steps at lr 3e-4, batch"
-            " 32, merged with average (see the README)",
+            " shown here (minutes); long, a 20-epoch pretrain round, then 8 fusion rounds of 400"
+            " full-finetuning steps at lr 3e-4, batch 32, on default-mixed shards, merged with average (see"
+            " the README)",
             "choices": tuple(PRESETS),
         },
     )
@@ -82,6 +85,14 @@ class LocalClusterConfig:
         default=0.0, metadata={"help": "fusion learning rate (0: the PEFT method's default)"}
     )
     fusion_batch_size: int = field(default=8, metadata={"help": "examples per fusion step"})
+    fusion_shards: str = field(
+        default="default",
+        metadata={
+            "help": "how fusion rounds split the seen tasks among workers: default, each worker its own tasks"
+            " (ColD Fusion's setting); default-mixed, each worker a slice of every task",
+            "choices": ("default", "default-mixed"),
+        },
+    )
     pretrain_epochs: int = field(default=3, metadata={"help": "swarm optimizer epochs per pretrain round"})
     target_batch_size: int = field(default=32, metadata={"help": "samples per swarm optimizer epoch"})
     pretrain_algorithm: str = field(
@@ -118,6 +129,7 @@ class LocalClusterConfig:
         the shard in a new order rather than on the same first examples again."""
         return {
             "peft_method": self.peft,
+            "shard_prefix": self.fusion_shards,
             "codec": "bytegroup",
             "hyperparameters": {
                 "steps": self.fusion_steps,

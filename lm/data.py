@@ -399,7 +399,10 @@ def resolve_shard(
 ) -> Shard:
     """Resolve a shard spec (docs/INTERFACES.md) against this machine's data.
 
-    * ``default:<i>-of-<n>``: the seen default tasks in group ``i`` of ``n`` (:func:`default_task_groups`);
+    * ``default:<i>-of-<n>``: the seen default tasks in group ``i`` of ``n`` (:func:`default_task_groups`):
+      each worker its own tasks, ColD Fusion's setting of contributors with different datasets;
+    * ``default-mixed:<i>-of-<n>``: every seen default task, examples ``j`` with ``j % n == i`` of each: each
+      worker a slice of every task, so that an average of the workers does not halve each task's progress;
     * ``default:task=<name>[,<name>...]``: named default tasks (held-out ones only with
       ``allow_heldout=True``: they must never be in a training shard);
     * ``local`` / ``local:<i>-of-<n>``: the instruction files under ``data_dir``, all or every
@@ -414,16 +417,23 @@ def resolve_shard(
     head, _, rest = spec.partition(":")
     if head == "default":
         return _default_shard(spec, rest, split, cache_dir, allow_heldout)
+    if head == "default-mixed":
+        from .tasks import SEEN_TASKS
+
+        i, n = parse_slice(rest)
+        return _task_shard(spec, [(t, i, n) for t in SEEN_TASKS], split, cache_dir)
     if head == "local":
         return _local_shard(spec, rest, data_dir, split, on_error)
     if head == "corpus":
         return _corpus_shard(spec, rest, data_dir, on_error)
-    raise ValueError(f"unknown shard spec {spec!r}: expected default:, local, local:, or corpus:")
+    raise ValueError(
+        f"unknown shard spec {spec!r}: expected default:, default-mixed:, local, local:, or corpus:"
+    )
 
 
 def _default_shard(spec: str, rest: str, split: str, cache_dir, allow_heldout: bool) -> Shard:
     """``default:<i>-of-<n>`` or ``default:task=<names>``: the embedded tasks (see :func:`resolve_shard`)."""
-    from .tasks import HELDOUT_TASKS, TASKS, load_task_split
+    from .tasks import HELDOUT_TASKS, TASKS
 
     if rest.startswith("task="):
         names = [x for x in rest[len("task=") :].split(",") if x]
@@ -437,6 +447,12 @@ def _default_shard(spec: str, rest: str, split: str, cache_dir, allow_heldout: b
     else:
         i, n = parse_slice(rest)
         group = default_task_groups(n)[i]
+    return _task_shard(spec, group, split, cache_dir)
+
+
+def _task_shard(spec: str, group: list[tuple[str, int, int]], split: str, cache_dir) -> Shard:
+    """The embedded tasks' examples ``j`` with ``j % m == k`` for each ``(task, k, m)`` of ``group``, interleaved."""
+    from .tasks import load_task_split
 
     def factory(report: LoadReport) -> Iterator:
         parts = [_every_nth(load_task_split(t, split, cache_dir=cache_dir), k, m) for t, k, m in group]
@@ -444,7 +460,9 @@ def _default_shard(spec: str, rest: str, split: str, cache_dir, allow_heldout: b
             report.records += 1
             yield rec
 
-    desc = f"default tasks {[t for t, _, _ in group]} ({split})"
+    sliced = {(k, m) for _, k, m in group} - {(0, 1)}
+    cut = "".join(f", slice {k} of {m}" for k, m in sorted(sliced)) if len(sliced) == 1 else ""
+    desc = f"default tasks {[t for t, _, _ in group]}{cut} ({split})"
     return Shard(spec, "instructions", desc, factory)
 
 

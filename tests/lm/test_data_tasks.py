@@ -163,6 +163,22 @@ def test_default_shards_partition_seen_tasks(lm_cache):
     )
 
 
+def test_mixed_shards_give_each_worker_a_disjoint_slice_of_every_seen_task(lm_cache):
+    slices = [list(resolve_shard(f"default-mixed:{i}-of-3", cache_dir=lm_cache)) for i in range(3)]
+    whole = list(resolve_shard("default:0-of-1", cache_dir=lm_cache))
+    for part in slices:
+        assert {r["task_name"] for r in part} == set(SEEN_TASKS)
+    key = [json.dumps(r, sort_keys=True) for r in whole]
+    parts = [json.dumps(r, sort_keys=True) for part in slices for r in part]
+    # The slices partition the train split (as a multiset: the generator may draw an instance twice).
+    assert sorted(parts) == sorted(key)
+    test_part = list(resolve_shard("default-mixed:0-of-3", split="test", cache_dir=lm_cache))
+    assert not {r["task_name"] for r in test_part} & set(HELDOUT_TASKS)
+    for bad in ("default-mixed:3-of-3", "default-mixed:task=add", "default-mixed:"):
+        with pytest.raises(ValueError):
+            resolve_shard(bad)
+
+
 def test_tasks_are_flan_style_and_split_cleanly():
     assert len(TASKS) >= 10 and len(HELDOUT_TASKS) >= 3
     cfg = TaskConfig(train_per_task=200, validation_per_task=20, test_per_task=40)
