@@ -47,7 +47,8 @@ ROUND_OPTION_KEYS: dict[str, dict[str, str]] = {
         "hyperparameters": "the FusionHyperparameters fields",
         "statistics": "fisher and/or regmean (default: what the merge method needs)",
         "codec": "the codec workers encode their contribution with",
-        "shard_prefix": "which data shards name: default (the embedded tasks) or local (the worker's own)",
+        "shard_prefix": "which data shards name: default (the embedded tasks, a group of tasks each),"
+        " default-mixed (a slice of every embedded task each) or local (the worker's own)",
         "merge": "the merge's own options (the method's config fields and the merge driver's)",
         "gate": "the publication gate: policy, metric, tolerance, higher_is_better (the coordinator's)",
     },

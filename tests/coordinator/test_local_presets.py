@@ -6,6 +6,8 @@ import pytest
 
 from coldswarm.common.round_options import FusionHyperparameters
 from coldswarm.coordinator.local_cluster import PRESETS, LocalClusterConfig, parse_config
+from coldswarm.coordinator.rounds import check_fusion_options, fusion_task
+from coldswarm.lm.data import resolve_shard
 
 
 def test_the_demo_preset_is_the_defaults():
@@ -40,3 +42,14 @@ def test_an_unknown_preset_is_refused(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--preset", "huge"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shards", ["default", "default-mixed"])
+def test_fusion_shards_name_shards_the_coordinator_accepts_and_a_worker_resolves(shards):
+    config = parse_config(["--fusion-shards", shards])
+    options = config.fusion_options(0)
+    check_fusion_options(options, config.method)
+    specs = [fusion_task(options, config.method, i, config.workers)["shard"] for i in range(config.workers)]
+    assert specs == [f"{shards}:{i}-of-{config.workers}" for i in range(config.workers)]
+    for spec in specs:
+        assert resolve_shard(spec).kind == "instructions"
