@@ -39,7 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--denoiser", default=None, help="force one denoiser (e.g. R-3-0.15, X-3-0.5, S)")
     c.add_argument("--seed", type=int, default=0)
     s = sub.add_parser("shard", help="resolve a shard spec and print its first records")
-    s.add_argument("spec")
+    s.add_argument(
+        "spec",
+        help="default:<i>-of-<n>, default-mixed:<i>-of-<n>, default:task=<names>, local[:<i>-of-<n>] or corpus:<i>-of-<n>",
+    )
     s.add_argument("--data", default=None, help="the worker's data dir")
     s.add_argument("--split", default="train", choices=["train", "validation", "test"])
     s.add_argument("--n", type=int, default=3)
