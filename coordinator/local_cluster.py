@@ -32,6 +32,7 @@ from coldswarm.common.channel import open_channel
 from coldswarm.common.durable import atomic_write_bytes
 from coldswarm.coordinator import lineage, publication_gate
 from coldswarm.coordinator.states import RoundKind, RoundState, VersionState, WorkerState
+from coldswarm.lm.data import TASK_LAYOUTS
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.proto import coldswarm_pb2_grpc as pb_grpc
 
@@ -90,7 +91,7 @@ class LocalClusterConfig:
         metadata={
             "help": "how fusion rounds split the seen tasks among workers: default, each worker its own tasks"
             " (ColD Fusion's setting); default-mixed, each worker a slice of every task",
-            "choices": ("default", "default-mixed"),
+            "choices": TASK_LAYOUTS,
         },
     )
     pretrain_epochs: int = field(default=3, metadata={"help": "swarm optimizer epochs per pretrain round"})

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("shard", help="resolve a shard spec and print its first records")
     s.add_argument(
         "spec",
-        help="default:<i>-of-<n>, default-mixed:<i>-of-<n>, default:task=<names>, local[:<i>-of-<n>] or corpus:<i>-of-<n>",
+        help="default:<i>-of-<n>, default-mixed:<i>-of-<n>, default:task=<names>, local[:<i>-of-<n>]"
+        " or corpus:<i>-of-<n>",
     )
     s.add_argument("--data", default=None, help="the worker's data dir")
     s.add_argument("--split", default="train", choices=["train", "validation", "test"])

@@ -389,6 +389,11 @@ def default_task_groups(n: int) -> list[list[tuple[str, int, int]]]:
     return groups
 
 
+#: The shard heads that split the embedded seen tasks among ``n`` workers (:func:`resolve_shard`): each
+#: worker its own tasks, or each a slice of every task.
+TASK_LAYOUTS: tuple[str, ...] = ("default", "default-mixed")
+
+
 def resolve_shard(
     spec: str,
     data_dir: str | os.PathLike | None = None,
@@ -421,7 +426,7 @@ def resolve_shard(
         from .tasks import SEEN_TASKS
 
         i, n = parse_slice(rest)
-        return _task_shard(spec, [(t, i, n) for t in SEEN_TASKS], split, cache_dir)
+        return _task_shard(spec, [(t, i, n) for t in SEEN_TASKS], split, cache_dir, f", slice {i} of {n}")
     if head == "local":
         return _local_shard(spec, rest, data_dir, split, on_error)
     if head == "corpus":
@@ -450,8 +455,11 @@ def _default_shard(spec: str, rest: str, split: str, cache_dir, allow_heldout: b
     return _task_shard(spec, group, split, cache_dir)
 
 
-def _task_shard(spec: str, group: list[tuple[str, int, int]], split: str, cache_dir) -> Shard:
-    """The embedded tasks' examples ``j`` with ``j % m == k`` for each ``(task, k, m)`` of ``group``, interleaved."""
+def _task_shard(
+    spec: str, group: list[tuple[str, int, int]], split: str, cache_dir, label: str = ""
+) -> Shard:
+    """The embedded tasks' examples ``j`` with ``j % m == k`` for each ``(task, k, m)`` of ``group``,
+    interleaved; ``label`` is added to the description."""
     from .tasks import load_task_split
 
     def factory(report: LoadReport) -> Iterator:
@@ -460,9 +468,7 @@ def _task_shard(spec: str, group: list[tuple[str, int, int]], split: str, cache_
             report.records += 1
             yield rec
 
-    sliced = {(k, m) for _, k, m in group} - {(0, 1)}
-    cut = "".join(f", slice {k} of {m}" for k, m in sorted(sliced)) if len(sliced) == 1 else ""
-    desc = f"default tasks {[t for t, _, _ in group]}{cut} ({split})"
+    desc = f"default tasks {[t for t, _, _ in group]}{label} ({split})"
     return Shard(spec, "instructions", desc, factory)
 
 

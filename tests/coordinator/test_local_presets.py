@@ -7,7 +7,7 @@ import pytest
 from coldswarm.common.round_options import FusionHyperparameters
 from coldswarm.coordinator.local_cluster import PRESETS, LocalClusterConfig, parse_config
 from coldswarm.coordinator.rounds import check_fusion_options, fusion_task
-from coldswarm.lm.data import resolve_shard
+from coldswarm.lm.data import TASK_LAYOUTS, resolve_shard
 
 
 def test_the_demo_preset_is_the_defaults():
@@ -44,7 +44,7 @@ def test_an_unknown_preset_is_refused(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("shards", ["default", "default-mixed"])
+@pytest.mark.parametrize("shards", TASK_LAYOUTS)
 def test_fusion_shards_name_shards_the_coordinator_accepts_and_a_worker_resolves(shards):
     config = parse_config(["--fusion-shards", shards])
     options = config.fusion_options(0)

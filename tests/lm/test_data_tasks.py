@@ -163,7 +163,7 @@ def test_default_shards_partition_seen_tasks(lm_cache):
     )
 
 
-def test_mixed_shards_give_each_worker_a_disjoint_slice_of_every_seen_task(lm_cache):
+def test_mixed_shards_partition_the_train_split_and_each_holds_every_seen_task(lm_cache):
     slices = [list(resolve_shard(f"default-mixed:{i}-of-3", cache_dir=lm_cache)) for i in range(3)]
     whole = list(resolve_shard("default:0-of-1", cache_dir=lm_cache))
     for part in slices:
