@@ -6,6 +6,7 @@ import pytest
 
 from coldswarm.common.round_options import FusionHyperparameters
 from coldswarm.coordinator.local_cluster import PRESETS, LocalClusterConfig, parse_config
+from coldswarm.coordinator.merge_pipeline import load_evaluator
 from coldswarm.coordinator.rounds import check_fusion_options, fusion_task
 from coldswarm.lm.data import TASK_LAYOUTS, resolve_shard
 
@@ -53,3 +54,12 @@ def test_fusion_shards_name_shards_the_coordinator_accepts_and_a_worker_resolves
     assert specs == [f"{shards}:{i}-of-{config.workers}" for i in range(config.workers)]
     for spec in specs:
         assert resolve_shard(spec).kind == "instructions"
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_names_an_evaluator_the_coordinator_loads(preset):
+    assert callable(load_evaluator(parse_config(["--preset", preset]).evaluator))
+
+
+def test_the_standard_evaluator_loads_as_a_coordinator_evaluator():
+    assert callable(load_evaluator("coldswarm.lm.evaluate:evaluate_standard"))

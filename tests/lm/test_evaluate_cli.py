@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -81,3 +82,10 @@ def test_cli_console_script_builds_version(tmp_path, lm_cache):
     )
     assert r.returncode == 0, r.stderr
     assert (out / "model.safetensors").exists() and (out / "spiece.model").exists()
+
+
+def test_the_standard_preset_is_quick_with_48_test_examples_per_task():
+    standard, quick = EvalConfig.standard(), EvalConfig.quick()
+    assert (standard.seen_examples_per_task, standard.heldout_examples_per_task) == (48, 48)
+    counts = {"seen_examples_per_task": 48, "heldout_examples_per_task": 48}
+    assert standard == dataclasses.replace(quick, **counts)
