@@ -73,7 +73,7 @@ class EvalConfig:
     @classmethod
     def standard(cls) -> EvalConfig:
         """48 test examples per seen and per held-out task (quick's 12 move a task's exact match by 0.08 an
-        answer; here 0.02), for gating and reporting on targets near a threshold (about 3x quick's time)."""
+        answer; here 0.02), for gating and reporting on targets near a threshold."""
         return cls(seen_examples_per_task=48, heldout_examples_per_task=48)
 
     @classmethod
