@@ -51,7 +51,9 @@ def _nouns(r, k):
 
 
 def _add(r):
-    a, b = r.randint(0, 49), r.randint(0, 49)
+    # Half one-digit sums (what a person asks first, "What is 3 plus 4?"), half up to 49 + 49.
+    top = r.choice((9, 49))
+    a, b = r.randint(0, top), r.randint(0, top)
     return {"a": a, "b": b, "answer": str(a + b)}
 
 
@@ -61,7 +63,9 @@ def _subtract(r):
 
 
 def _reverse(r):
-    w = _nouns(r, r.randint(3, 5))
+    # Nouns and colours, so that lists like "red blue green" are in the instance space.
+    lex = load_lexicon()
+    w = r.sample(list(lex["nouns"]) + list(lex["colors"]), r.randint(3, 5))
     return {"x": " ".join(w), "answer": " ".join(reversed(w))}
 
 
@@ -151,6 +155,7 @@ TASKS: dict[str, Task] = {
             _reverse,
             (
                 ("Reverse the order of the words: {x}", "{answer}"),
+                ("Reverse the words: {x}", "{answer}"),
                 ("Write these words backwards: {x}", "{answer}"),
                 ("{x}\nReversed:", "{answer}"),
             ),
@@ -179,6 +184,7 @@ TASKS: dict[str, Task] = {
             (
                 ("Write in capital letters: {x}", "{answer}"),
                 ("Convert to upper case: {x}", "{answer}"),
+                ("Uppercase: {x}", "{answer}"),
                 ("{x}\nIn capitals:", "{answer}"),
             ),
         ),

@@ -196,3 +196,32 @@ def test_tasks_are_flan_style_and_split_cleanly():
         queries = {s: {r["inputs"].split("\n\n")[-1] for r in recs[s]} for s in recs}
         assert not queries["test"] & queries["train"]
     assert instance_split("add", {"a": 1, "b": 2, "answer": "3"}) in ("train", "validation", "test")
+
+
+#: The README's `generate` example: what a person asks first, with the answer a right model gives.
+README_PROMPTS = {
+    "reverse_words": ("Reverse the words: red blue green", "green blue red"),
+    "add": ("What is 3 plus 4?", "7"),
+    "uppercase": ("Uppercase: hello world", "HELLO WORLD"),
+}
+
+
+@pytest.mark.parametrize("task_name", sorted(README_PROMPTS))
+def test_the_readme_prompts_are_phrasings_a_template_of_their_task_covers(task_name):
+    prompt, _ = README_PROMPTS[task_name]
+    heads = [inp.split("{")[0] for inp, _ in TASKS[task_name].templates]
+    assert any(h and prompt.startswith(h) for h in heads), heads
+
+
+def test_the_reverse_and_add_tasks_draw_what_the_readme_asks():
+    train = TaskConfig(train_per_task=400, validation_per_task=0, test_per_task=0)
+    queries = [r["inputs"].split("\n\n")[-1] for r in generate_split("reverse_words", "train", train)]
+    words = {w for q in queries for w in q.split(": ")[-1].split("\n")[0].split()}
+    assert {"red", "blue", "green"} <= words
+    sums = [r for r in generate_split("add", "train", train) if r["template_type"].startswith("zs")]
+    one_digit = [r for r in sums if int(r["targets"]) <= 18 and all(len(n) == 1 for n in _numbers(r))]
+    assert 0.3 < len(one_digit) / len(sums) < 0.7
+
+
+def _numbers(record):
+    return [t.strip("?.=") for t in record["inputs"].split() if t.strip("?.=").isdigit()]
