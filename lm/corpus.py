@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cache import cached_dir, content_hash
-from .lexicon import DAYS_IN_MONTH, LEXICON_PATH, load_lexicon, number_to_words
+from .lexicon import DAYS_IN_MONTH, LEXICON_SOURCES, load_lexicon, number_to_words, upper_case_words
 
 CORPUS_FILE = "corpus.txt"
 
@@ -63,8 +63,12 @@ def _story(r: random.Random, lex: dict) -> str:
             out.append(f"There were {number_to_words(n)} {lex['nouns'][noun]} in {r.choice(lex['places'])}.")
         elif kind < 0.8:
             out.append(f"{hero} felt {r.choice(lex['feelings'])} because the {noun} was {adj}.")
-        elif kind < 0.9:
+        elif kind < 0.85:
             out.append(f'"Can you {verb} the {noun}?" asked {r.choice(names)}. "Yes," said {hero}.')
+        elif kind < 0.9:
+            out.append(
+                f"{hero} said {r.choice(lex['greetings'])} to {r.choice(names)} in {r.choice(lex['places'])}."
+            )
         else:
             out.append(
                 f"In {r.choice(lex['seasons'])} the {r.choice(lex['weather'])} came {r.choice(lex['adverbs'])}."
@@ -210,7 +214,7 @@ def _characters(r: random.Random, lex: dict) -> str:
     # tokenizer rarely falls back to <unk> on a user's text.
     chars = list(string.ascii_letters + string.digits + string.punctuation)
     r.shuffle(chars)
-    word = r.choice(list(lex["nouns"]))
+    word = r.choice(upper_case_words())
     return f"Spell {word}: {' '.join(word)}. Upper case: {word.upper()}. Symbols: {' '.join(chars[:20])}."
 
 
@@ -251,7 +255,7 @@ def iter_documents(config: CorpusConfig = CorpusConfig(), split: str = "train") 
 
 def corpus_key(config: CorpusConfig) -> str:
     """Content hash of everything the corpus depends on (this file, the lexicon, config)."""
-    return content_hash(Path(__file__), LEXICON_PATH, asdict(config))
+    return content_hash(Path(__file__), *LEXICON_SOURCES, asdict(config))
 
 
 def build_default_corpus(config: CorpusConfig = CorpusConfig(), cache_dir=None) -> Path:

@@ -13,6 +13,9 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 LEXICON_PATH = DATA_DIR / "lexicon.json"
+#: What the generated corpus and tasks take from here: the word lists and this module's helpers
+#: (their cache keys hash both).
+LEXICON_SOURCES = (LEXICON_PATH, Path(__file__))
 
 
 @lru_cache(maxsize=1)
@@ -20,6 +23,14 @@ def load_lexicon() -> dict:
     """The lexicon as a dict (names, nouns->plurals, adjectives->antonyms, verbs->past, ...)."""
     with open(LEXICON_PATH, encoding="utf-8") as f:
         return json.load(f)
+
+
+def upper_case_words() -> list[str]:
+    """The words the ``uppercase`` task writes in capitals: nouns, colours and greetings (so that
+    "hello world" is among them). The corpus spells the same words in capitals, so that each has
+    its pieces in the tokenizer."""
+    lex = load_lexicon()
+    return list(lex["nouns"]) + list(lex["colors"]) + list(lex["greetings"])
 
 
 def number_to_words(n: int) -> str:

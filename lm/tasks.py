@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cache import cached_dir, content_hash
-from .lexicon import DAYS_IN_MONTH, LEXICON_PATH, load_lexicon, number_to_words
+from .lexicon import DAYS_IN_MONTH, LEXICON_SOURCES, load_lexicon, number_to_words, upper_case_words
 
 SPLITS = ("train", "validation", "test")
 
@@ -80,7 +80,7 @@ def _count(r):
 
 
 def _upper(r):
-    w = _nouns(r, r.randint(1, 3))
+    w = r.sample(upper_case_words(), r.randint(1, 3))
     return {"x": " ".join(w), "answer": " ".join(w).upper()}
 
 
@@ -351,7 +351,7 @@ def generate_split(task_name: str, split: str, config: TaskConfig = TaskConfig()
 
 
 def tasks_key(config: TaskConfig) -> str:
-    return content_hash(Path(__file__), LEXICON_PATH, asdict(config))
+    return content_hash(Path(__file__), *LEXICON_SOURCES, asdict(config))
 
 
 def build_default_tasks(config: TaskConfig = TaskConfig(), cache_dir=None) -> Path:

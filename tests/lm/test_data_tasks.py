@@ -213,7 +213,7 @@ def test_the_readme_prompts_are_phrasings_a_template_of_their_task_covers(task_n
     assert any(h and prompt.startswith(h) for h in heads), heads
 
 
-def test_the_reverse_and_add_tasks_draw_what_the_readme_asks():
+def test_the_reverse_add_and_uppercase_tasks_draw_what_the_readme_asks():
     train = TaskConfig(train_per_task=400, validation_per_task=0, test_per_task=0)
     queries = [r["inputs"].split("\n\n")[-1] for r in generate_split("reverse_words", "train", train)]
     words = {w for q in queries for w in q.split(": ")[-1].split("\n")[0].split()}
@@ -221,6 +221,8 @@ def test_the_reverse_and_add_tasks_draw_what_the_readme_asks():
     sums = [r for r in generate_split("add", "train", train) if r["template_type"].startswith("zs")]
     one_digit = [r for r in sums if int(r["targets"]) <= 18 and all(len(n) == 1 for n in _numbers(r))]
     assert 0.3 < len(one_digit) / len(sums) < 0.7
+    upper = [r for r in generate_split("uppercase", "train", train) if r["template_type"].startswith("zs")]
+    assert {"HELLO", "WORLD"} <= {w for r in upper for w in r["targets"].split()}
 
 
 def _numbers(record):

@@ -39,6 +39,12 @@ def test_tokenizer_ids_and_special_tokens(tokenizer, tokenizer_dir):
     assert (tokenizer_dir / SPIECE_FILE).exists()
 
 
+def test_the_readme_prompts_words_are_whole_pieces(tokenizer):
+    # A word split into letters must be spelled in capitals letter by letter: tiny does not learn that.
+    for word in ("hello", "world", "red", "blue", "green"):
+        assert tokenizer.tokenize(word) == [f"\u2581{word}"]
+
+
 def test_tokenizer_round_trip_1000_lines(tokenizer, tokenizer_dir, version_dir):
     import sentencepiece as spm
 
