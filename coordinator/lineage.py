@@ -86,7 +86,7 @@ class LineageEntry:
     created_at: float
     contributions: int
     examples: int
-    metrics: dict[str, float] = field(default_factory=dict)  # flat: "seen.reverse.exact_match"
+    metrics: dict[str, float] = field(default_factory=dict)  # flat: "seen.reverse_words.exact_match"
     gate: dict[str, float | str] = field(
         default_factory=dict
     )  # the gate's scores, when the manifest has them

@@ -39,7 +39,7 @@ def test_tokenizer_ids_and_special_tokens(tokenizer, tokenizer_dir):
     assert (tokenizer_dir / SPIECE_FILE).exists()
 
 
-def test_the_readme_prompts_words_are_whole_pieces(tokenizer):
+def test_the_readme_prompts_content_words_are_whole_pieces(tokenizer):
     # A word split into letters must be spelled in capitals letter by letter: tiny does not learn that.
     for word in ("hello", "world", "red", "blue", "green"):
         assert tokenizer.tokenize(word) == [f"\u2581{word}"]
