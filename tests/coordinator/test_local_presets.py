@@ -59,7 +59,3 @@ def test_fusion_shards_name_shards_the_coordinator_accepts_and_a_worker_resolves
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_each_preset_names_an_evaluator_the_coordinator_loads(preset):
     assert callable(load_evaluator(parse_config(["--preset", preset]).evaluator))
-
-
-def test_the_standard_evaluator_loads_as_a_coordinator_evaluator():
-    assert callable(load_evaluator("coldswarm.lm.evaluate:evaluate_standard"))

@@ -40,7 +40,7 @@ def test_tokenizer_ids_and_special_tokens(tokenizer, tokenizer_dir):
 
 
 def test_the_readme_prompts_content_words_are_whole_pieces(tokenizer):
-    # A word split into letters must be spelled in capitals letter by letter: tiny does not learn that.
+    # Whole pieces, or uppercase must learn to capitalise a word piece by piece from few examples.
     for word in ("hello", "world", "red", "blue", "green"):
         assert tokenizer.tokenize(word) == [f"\u2581{word}"]
 
