@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from coldswarm.lm.cli import main
-from coldswarm.lm.evaluate import EvalConfig, evaluate_version, format_table
+from coldswarm.lm.evaluate import EvalConfig, distinct_questions, evaluate_version, format_table
+from coldswarm.lm.tasks import load_task_split
 
 SMALL = EvalConfig(
     mod_examples_per_denoiser=2,
@@ -30,6 +31,7 @@ def test_evaluate_version_keys(version_dir, lm_cache):
     assert all(math.isfinite(v) and v > 0 for v in m["mod_loss"].values())
     assert set(m["seen"]) == {"add", "antonym"}
     assert set(m["heldout"]) == set(SMALL.heldout_tasks)
+    assert {m["seen"][t]["questions"] for t in m["seen"]} == {4}
     for key in ("seen_exact_match", "seen_token_loss", "heldout_exact_match", "heldout_exact_match_before"):
         assert math.isfinite(m[key])
     json.dumps(m)  # goes into the manifest as is
@@ -87,3 +89,13 @@ def test_cli_console_script_builds_version(tmp_path, lm_cache):
 def test_the_standard_preset_is_quick_with_48_test_examples_per_task():
     counts = {"seen_examples_per_task": 48, "heldout_examples_per_task": 48}
     assert EvalConfig.standard() == dataclasses.replace(EvalConfig.quick(), **counts)
+
+
+def test_a_task_is_scored_on_distinct_questions(lm_cache):
+    # past_tense's test split draws from a few dozen verbs: its first 48 records repeat questions.
+    records = load_task_split("past_tense", "test", cache_dir=lm_cache)
+    assert len({r["inputs"] for r in records[:48]}) < 48
+    picked = distinct_questions(records, 48)
+    assert len({r["inputs"] for r in picked}) == len(picked) == min(48, len({r["inputs"] for r in records}))
+    assert picked[0] == records[0] and all(r in records for r in picked)
+    assert distinct_questions(records, 3) == distinct_questions(records, 48)[:3]
