@@ -83,10 +83,12 @@ def instruction_batches(
     config: Seq2SeqConfig = Seq2SeqConfig(),
     seed: int | None = 0,
     drop_last: bool = False,
-    buffer_size: int = 10000,
+    buffer_size: int = 250_000,
 ) -> Iterator[dict]:
     """Batches of tokenized instruction records. ``seed`` shuffles within a streaming buffer of
-    ``buffer_size`` records (``None``: keep file order); deterministic for a given seed."""
+    ``buffer_size`` records (``None``: keep file order); deterministic for a given seed. The buffer
+    holds a whole default shard (11 tasks x 20000), so a round seeded anew draws its steps from
+    anywhere in the shard, not again from its first records."""
     collate = Seq2SeqCollator(tokenizer, config)
     rng = random.Random(seed)
 
