@@ -6,3 +6,8 @@ a model written *from* a version (a merge, a collected pretrain state) must not 
 """
 
 MANIFEST_NAME = "coldswarm-manifest.json"
+
+#: The entry of an evaluator's metrics that names its protocol: a fingerprint of its test set and
+#: code. Scores under different protocols do not compare, so the publication gate scores a parent
+#: again when its stored protocol differs from the candidate's (an upgrade changed the evaluator).
+EVALUATION_PROTOCOL_KEY = "protocol"

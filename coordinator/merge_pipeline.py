@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from coldswarm.common.manifest import EVALUATION_PROTOCOL_KEY
 from coldswarm.common.quoting import quote
 from coldswarm.coordinator import merge as merge_bridge
 from coldswarm.coordinator.blobs import BlobStore
@@ -49,7 +50,9 @@ Evaluator = Callable[[Path], dict]
 
 
 def load_evaluator(spec: str) -> Evaluator | None:
-    """``module:function`` → the function (``function(version_dir) -> metrics``); empty → None."""
+    """``module:function`` → the function (``function(version_dir) -> metrics``); empty → None.
+    An evaluator whose results depend on data or code that an upgrade may change should report a
+    fingerprint of them as ``metrics["protocol"]`` (:data:`EVALUATION_PROTOCOL_KEY`)."""
     if not spec:
         return None
     module, _, func = spec.partition(":")
@@ -235,20 +238,29 @@ class MergePipeline:
             return GateDecision.held_back(str(exc))
         if gate.policy == PublishPolicy.ALWAYS:
             return decide(gate, metrics, None)
-        return decide(gate, metrics, None if parent is None else self.scores_of(parent))
+        parent_scores = (
+            None if parent is None else self.scores_of(parent, metrics.get(EVALUATION_PROTOCOL_KEY))
+        )
+        return decide(gate, metrics, parent_scores)
 
-    def scores_of(self, number: int) -> dict | None:
+    def scores_of(self, number: int, protocol: object = None) -> dict | None:
         """This evaluator's metrics of version ``number``: those its manifest records if this evaluator
-        (the same ``--evaluator``) scored it, else scored now (once; cached). None without an evaluator."""
+        (the same ``--evaluator``) scored it under the same ``protocol``, else scored now (once; cached).
+        None without an evaluator.
+
+        ``protocol`` is what the evaluator says of its own test set and code (its metrics'
+        ``protocol`` entry, if it reports one): scores made before an upgrade changed either are
+        not comparable with the candidate's, so the parent is scored again."""
         if self.evaluator is None:
             return None
         if number not in self._scores:
             manifest = json.loads(self.versions.get(number).manifest_json)
             if manifest.get("evaluated_by") == self.config.evaluator and manifest.get("metrics"):
                 self._scores[number] = manifest["metrics"]
-            else:
-                self._scores[number] = self.evaluate(self.versions.directory(number))
-        return self._scores[number]
+        scores = self._scores.get(number)
+        if scores is None or (protocol is not None and scores.get(EVALUATION_PROTOCOL_KEY) != protocol):
+            scores = self._scores[number] = self.evaluate(self.versions.directory(number))
+        return scores
 
     def evaluated_by(self) -> dict:
         """The manifest field saying which evaluator scored a version's ``metrics`` (none without one): the

@@ -30,13 +30,17 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from coldswarm.common.manifest import EVALUATION_PROTOCOL_KEY
+
 from .batching import Seq2SeqConfig, collate_seq2seq, tokenize_documents, tokenize_record
-from .corpus import CorpusConfig, iter_documents
+from .cache import content_hash
+from .corpus import CorpusConfig, corpus_key, iter_documents
 from .mod import MoDCollator, MoDConfig
-from .tasks import HELDOUT_TASKS, SEEN_TASKS, load_task_split
+from .tasks import HELDOUT_TASKS, SEEN_TASKS, TaskConfig, load_task_split, tasks_key
 from .tokenizer import special_ids
 
 
@@ -263,8 +267,15 @@ def evaluate_model(model, tokenizer, config: EvalConfig | None = None, cache_dir
         "heldout_exact_match": mean([v["exact_match"] for v in heldout.values()]),
         "heldout_exact_match_before": mean(list(before.values())),
         "eval_config": asdict(config),
+        EVALUATION_PROTOCOL_KEY: protocol(config),
         "eval_seconds": round(time.monotonic() - t0, 2),
     }
+
+
+def protocol(config: EvalConfig) -> str:
+    """A fingerprint of what :func:`evaluate_model` measures under ``config``: this module, the task
+    files and the corpus it scores on. Two versions' scores compare only under one protocol."""
+    return content_hash(Path(__file__), tasks_key(TaskConfig()), corpus_key(CorpusConfig()), asdict(config))
 
 
 def evaluate_version(

@@ -68,6 +68,36 @@ def test_evaluator_hook_and_candidates(make_harness, tiny_model, tmp_path, monke
     assert h.admin.Publish(pb.PublishRequest(version=v.number), metadata=h.amd).is_current
 
 
+def test_the_gate_scores_a_parent_again_when_the_evaluators_protocol_changed(
+    make_harness, tiny_model, tmp_path, monkeypatch
+):
+    # An evaluator whose test set an upgrade changed: under protocol "b" every model scores 0.7, where
+    # the parent's stored score (protocol "a") says 0.5. Compared with that, the candidate looks worse.
+    (tmp_path / "protocol.txt").write_text("a")
+    (tmp_path / "versioned_eval.py").write_text(
+        "from pathlib import Path\n"
+        f"STATE = Path({str(tmp_path)!r})\n"
+        "def evaluate(d):\n"
+        "    p = (STATE / 'protocol.txt').read_text()\n"
+        "    with open(STATE / 'calls.txt', 'a') as f:\n"
+        "        f.write(p)\n"
+        "    return {'seen_token_loss': {'a': 0.5, 'b': 0.7}[p], 'protocol': p}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    h = make_harness(evaluator="versioned_eval:evaluate", auto_publish=False)
+    assert (tmp_path / "calls.txt").read_text() == "a"  # version 0, scored when it was made
+    (tmp_path / "protocol.txt").write_text("b")
+    rnd = h.open_fusion(quorum=1)
+    h.register().upload(delta_contribution(tiny_model), rnd.id)
+    r = wait_state(h, rnd.id, ("merged", "rejected", "failed"))
+    assert r.state == "merged", r.error
+    gate = json.loads(h.admin.GetVersion(pb.GetVersionRequest(version="1"), metadata=h.amd).manifest_json)[
+        "gate"
+    ]
+    assert gate["passed"] and gate["parent"] == {"seen_token_loss": 0.7}, gate
+    assert (tmp_path / "calls.txt").read_text() == "abb"  # the candidate, then its parent again
+
+
 def test_assignments(harness):
     harness.open_fusion(quorum=2, options_json=json.dumps({"peft_method": "ia3", "codec": "zstd"}))
     w = harness.register()

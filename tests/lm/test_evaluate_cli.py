@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from coldswarm.lm.cli import main
-from coldswarm.lm.evaluate import EvalConfig, distinct_questions, evaluate_version, format_table
+from coldswarm.lm.evaluate import EvalConfig, distinct_questions, evaluate_version, format_table, protocol
 from coldswarm.lm.tasks import load_task_split
 
 SMALL = EvalConfig(
@@ -32,6 +32,7 @@ def test_evaluate_version_keys(version_dir, lm_cache):
     assert set(m["seen"]) == {"add", "antonym"}
     assert set(m["heldout"]) == set(SMALL.heldout_tasks)
     assert {m["seen"][t]["questions"] for t in m["seen"]} == {4}
+    assert m["protocol"] == protocol(SMALL) != protocol(EvalConfig.standard())
     for key in ("seen_exact_match", "seen_token_loss", "heldout_exact_match", "heldout_exact_match_before"):
         assert math.isfinite(m[key])
     json.dumps(m)  # goes into the manifest as is
