@@ -377,9 +377,24 @@ class GuardedGradientAverager(GuardedAveragerMixin, GradientAverager):
 
 
 class GuardedTrainingStateAverager(GuardedAveragerMixin, TrainingStateAverager):
-    """``hivemind.optim.TrainingStateAverager``, guarded."""
+    """``hivemind.optim.TrainingStateAverager``, guarded; it serves peers a snapshot of its state."""
 
     _wire_name = "TrainingStateAverager"
+
+    def get_current_state(self):
+        """The state a peer downloads, copied at one instant.
+
+        hivemind's returns the live parameter and optimizer tensors (``.cpu()`` of a CPU tensor is the
+        tensor itself), and the averager's process compresses them after the lock is released, while
+        this process goes on stepping: a peer that joined then loaded a state torn between two epochs.
+        Here the copies are made under both locks that guard a change to the state, the optimizer's
+        (its step) and the averaged tensors' (an all-reduce, a loaded state), taken in the order that
+        hivemind's own step takes them. Costs one extra copy of the state while a download is served."""
+        with self.lock_optimizer:
+            metadata, tensors, infos = super().get_current_state()  # references, under lock_averaged_tensors
+            with torch.no_grad(), self.lock_averaged_tensors:
+                snapshot = [tensor.detach().clone() for tensor in tensors]
+        return metadata, snapshot, infos
 
 
 class GuardedStateDownloader(GuardedAveragerMixin, DecentralizedAverager):
