@@ -356,7 +356,14 @@ class Checkpointer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            result = averager.load_state_from_peers(timeout=min(self.config.load_state_timeout, remaining))
+            try:
+                result = averager.load_state_from_peers(
+                    timeout=min(self.config.load_state_timeout, remaining)
+                )
+            except TimeoutError:
+                # hivemind's future outlived the wait (a slow donor, or the deadline's last moments): the
+                # loop's deadline decides, and a collect that runs out says so as a CollectError.
+                continue
             if result is not None:
                 empty = 0
                 metadata, loaded = result

@@ -112,3 +112,24 @@ def test_lineage_check_itself():
     with pytest.raises(CollectError, match="moved"):
         Checkpointer._check_lineage(RUN, [torch.ones(10) * 2, torch.ones(5)], base, 0.5)
     Checkpointer._check_lineage(RUN, [torch.ones(10) * 2, torch.ones(5)], base, 0)  # 0: no bound
+
+
+def test_a_download_that_outlives_its_wait_ends_as_a_collect_error():
+    # hivemind's load_state_from_peers raises TimeoutError when its future outlives the wait: the deadline's
+    # last moments on a loaded machine. The collect must still end in a CollectError, with the refusals.
+    class SlowDonors:
+        calls = 0
+
+        def load_state_from_peers(self, timeout):
+            self.calls += 1
+            time.sleep(min(timeout, 0.05))
+            raise TimeoutError
+
+        def refusals(self):
+            return ["peer X: parameter 0 is not finite"]
+
+    averager = SlowDonors()
+    checkpointer = Checkpointer(CheckpointerConfig(load_state_timeout=0.05, poll_interval=0.01))
+    with pytest.raises(CollectError, match="no peer served.*not finite"):
+        checkpointer._download(averager, RUN, min_epoch=1, deadline=time.monotonic() + 0.5)
+    assert averager.calls > 1
