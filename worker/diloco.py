@@ -261,7 +261,12 @@ class DiLoCoOptimizer:
         with torch.no_grad():
             for old, anchor in zip(self.sent_from, self.anchor, strict=True):
                 old.copy_(anchor)
-        self.state_averager.load_state_from_peers(timeout=self.config.load_state_timeout)
+        try:
+            self.state_averager.load_state_from_peers(timeout=self.config.load_state_timeout)
+        except TimeoutError:
+            # hivemind raises when the download outlives load_state_timeout (its late result is dropped):
+            # a slow donor is a state not loaded this time, not the end of the round.
+            logger.log(self.status_loglevel, "no state downloaded within %ss", self.config.load_state_timeout)
         loaded = self.local_epoch > epoch
         if loaded:
             rebase_(self.params, self.sent_from, self.anchor)  # x += theta_downloaded - old anchor
