@@ -11,7 +11,14 @@ import sys
 import pytest
 
 from coldswarm.lm.cli import main
-from coldswarm.lm.evaluate import EvalConfig, distinct_questions, evaluate_version, format_table, protocol
+from coldswarm.lm.evaluate import (
+    EvalConfig,
+    distinct_questions,
+    evaluate_version,
+    format_table,
+    protocol,
+    question_of,
+)
 from coldswarm.lm.tasks import load_task_split
 
 SMALL = EvalConfig(
@@ -93,10 +100,14 @@ def test_the_standard_preset_is_quick_with_48_test_examples_per_task():
 
 
 def test_a_task_is_scored_on_distinct_questions(lm_cache):
-    # past_tense's test split draws from a few dozen verbs: its first 48 records repeat questions.
+    # past_tense's test split asks a few verbs, each zero-shot or after other exemplars.
     records = load_task_split("past_tense", "test", cache_dir=lm_cache)
-    assert len({r["inputs"] for r in records[:48]}) < 48
+    questions = {question_of(r) for r in records}
+    assert len(questions) < 12 and len({r["inputs"] for r in records}) > len(questions)
     picked = distinct_questions(records, 48)
-    assert len({r["inputs"] for r in picked}) == len(picked) == min(48, len({r["inputs"] for r in records}))
+    assert {question_of(r) for r in picked} == questions and len(picked) == len(questions)
     assert picked[0] == records[0] and all(r in records for r in picked)
-    assert distinct_questions(records, 3) == distinct_questions(records, 48)[:3]
+    assert distinct_questions(records, 3) == picked[:3]
+    shot = {"inputs": "Past tense: go\nwent\n\nWhat is the past tense of see?", "targets": "saw"}
+    assert question_of(shot) == "What is the past tense of see?"
+    assert question_of({"inputs": "red blue\nReversed:"}) == "red blue\nReversed:"
