@@ -46,9 +46,9 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AveragingMode
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.matchmaking import MatchmakingException
-from hivemind.compression import deserialize_torch_tensor
+from hivemind.compression import CompressionInfo, TensorRole, deserialize_torch_tensor
 from hivemind.optim.grad_averager import GradientAverager
-from hivemind.optim.state_averager import TrainingStateAverager
+from hivemind.optim.state_averager import TrainingStateAverager, dump_optimizer_state
 from hivemind.p2p import P2PContext, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils import MPFuture
@@ -387,14 +387,36 @@ class GuardedTrainingStateAverager(GuardedAveragerMixin, TrainingStateAverager):
         hivemind's returns the live parameter and optimizer tensors (``.cpu()`` of a CPU tensor is the
         tensor itself), and the averager's process compresses them after the lock is released, while
         this process goes on stepping: a peer that joined then loaded a state torn between two epochs.
-        Here the copies are made under both locks that guard a change to the state, the optimizer's
-        (its step) and the averaged tensors' (an all-reduce, a loaded state), taken in the order that
-        hivemind's own step takes them. Costs one extra copy of the state while a download is served."""
-        with self.lock_optimizer:
-            metadata, tensors, infos = super().get_current_state()  # references, under lock_averaged_tensors
-            with torch.no_grad(), self.lock_averaged_tensors:
-                snapshot = [tensor.detach().clone() for tensor in tensors]
-        return metadata, snapshot, infos
+        Here the state is read and copied, epoch included, under both locks that guard a change to it:
+        the optimizer's (its step) and the averaged tensors' (an all-reduce, a loaded state), taken in
+        the order hivemind's own step takes them. Costs one extra copy of the state while a download is
+        served. One window stays: ``step(increment_epoch=True)`` raises the epoch just before it takes
+        the optimizer's lock, so a state copied then is labelled one epoch ahead of its parameters."""
+        with self.lock_optimizer, torch.no_grad(), self.lock_averaged_tensors:
+            params = [p.detach().clone() for group in self.optimizer.param_groups for p in group["params"]]
+            extras = [t.detach().clone() for t in self.extra_tensors]
+            optimizer_metadata, optimizer_tensors = dump_optimizer_state(self.optimizer)
+            optimizer_tensors = [t.detach().clone() for t in optimizer_tensors]
+            metadata = dict(
+                epoch=self.local_epoch,
+                group_bits=self.get_group_bits(),
+                optimizer_metadata=optimizer_metadata,
+            )
+        infos = [
+            *(
+                CompressionInfo.from_tensor(t, key=k, role=TensorRole.PARAMETER)
+                for t, k in zip(params, self.parameter_names, strict=True)
+            ),
+            *(
+                CompressionInfo.from_tensor(t, key=i, role=TensorRole.UNSPECIFIED)
+                for i, t in enumerate(extras)
+            ),
+            *(
+                CompressionInfo.from_tensor(t, key=i, role=TensorRole.OPTIMIZER)
+                for i, t in enumerate(optimizer_tensors)
+            ),
+        ]
+        return metadata, [*params, *extras, *optimizer_tensors], infos
 
 
 class GuardedStateDownloader(GuardedAveragerMixin, DecentralizedAverager):

@@ -8,6 +8,7 @@ import functools
 
 import hivemind
 import torch
+from hivemind.optim.state_averager import TrainingStateAverager
 
 from coldswarm.swarm.guarded_averagers import AveragerGuard, GuardedTrainingStateAverager
 
@@ -34,6 +35,13 @@ def test_the_served_state_is_a_snapshot_that_later_steps_leave_alone():
         _, live_optimizer_tensors = hivemind.optim.state_averager.dump_optimizer_state(averager.optimizer)
         live = params + list(averager.extra_tensors) + list(live_optimizer_tensors)
         assert len(served) == len(live) == len(infos) and metadata["epoch"] == 0
+        # The same state as hivemind's own answer, in the same order, with the same descriptions.
+        hm_metadata, hm_tensors, hm_infos = TrainingStateAverager.get_current_state(averager)
+        assert metadata == hm_metadata
+        assert all(torch.equal(a, b) for a, b in zip(served, hm_tensors, strict=True))
+        assert [(i.key, i.role, i.descriptor) for i in infos] == [
+            (i.key, i.role, i.descriptor) for i in hm_infos
+        ]
         before = [t.clone() for t in served]
         # What the next optimizer step does to the live state while a peer is still downloading.
         with torch.no_grad():
