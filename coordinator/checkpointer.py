@@ -45,6 +45,7 @@ import os
 import signal
 import tempfile
 import time
+from concurrent.futures import TimeoutError as FuturesTimeout  # the builtin's alias from 3.11 only
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -356,14 +357,16 @@ class Checkpointer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            # One download at a time, waited for until the deadline: each chunk has its own timeout (the
+            # averager's next_chunk_timeout), and a donor whose whole state takes longer than
+            # load_state_timeout is still heard out, not abandoned to a second download beside it.
+            pending = averager.load_state_from_peers(
+                wait=False, timeout=min(self.config.load_state_timeout, remaining)
+            )
             try:
-                result = averager.load_state_from_peers(
-                    timeout=min(self.config.load_state_timeout, remaining)
-                )
-            except TimeoutError:
-                # hivemind's future outlived the wait (a slow donor, or the deadline's last moments): the
-                # loop's deadline decides, and a collect that runs out says so as a CollectError.
-                continue
+                result = pending.result(timeout=remaining)
+            except FuturesTimeout:
+                break  # the deadline passed mid-download: a CollectError below
             if result is not None:
                 empty = 0
                 metadata, loaded = result

@@ -66,6 +66,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FuturesTimeout  # the builtin's alias from 3.11 only
 
 import torch
 from hivemind.averaging.control import AveragingStage
@@ -263,10 +264,10 @@ class DiLoCoOptimizer:
                 old.copy_(anchor)
         try:
             self.state_averager.load_state_from_peers(timeout=self.config.load_state_timeout)
-        except TimeoutError:
-            # hivemind raises when the download outlives load_state_timeout (its late result is dropped):
-            # a slow donor is a state not loaded this time, not the end of the round.
-            logger.log(self.status_loglevel, "no state downloaded within %ss", self.config.load_state_timeout)
+        except FuturesTimeout:
+            # hivemind raises when the download outlives load_state_timeout (its late result is dropped,
+            # the download ends at its chunk timeout): a state not loaded this time, not a crashed round.
+            logger.warning("no state downloaded within %ss; training on", self.config.load_state_timeout)
         loaded = self.local_epoch > epoch
         if loaded:
             rebase_(self.params, self.sent_from, self.anchor)  # x += theta_downloaded - old anchor
