@@ -83,12 +83,11 @@ def instruction_batches(
     config: Seq2SeqConfig = Seq2SeqConfig(),
     seed: int | None = 0,
     drop_last: bool = False,
-    buffer_size: int = 250_000,
+    buffer_size: int = 10000,
 ) -> Iterator[dict]:
     """Batches of tokenized instruction records. ``seed`` shuffles within a streaming buffer of
-    ``buffer_size`` records (``None``: keep file order); deterministic for a given seed. The buffer
-    holds a whole default shard (11 tasks x 20000), so a round seeded anew draws its steps from
-    anywhere in the shard, not again from its first records."""
+    ``buffer_size`` records (``None``: keep file order); deterministic for a given seed. A shard's
+    ``shuffle_buffer`` says how large a buffer suits it."""
     collate = Seq2SeqCollator(tokenizer, config)
     rng = random.Random(seed)
 

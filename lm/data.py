@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,6 +317,10 @@ class Shard:
     description: str
     factory: Callable[[LoadReport], Iterator] = field(repr=False)
     report: LoadReport = field(default_factory=LoadReport)
+    #: records a seeded pass shuffles at once: a window for files streamed from disk (memory stays
+    #: bounded), the whole shard for the embedded tasks (already in memory), so that a round seeded
+    #: anew draws its steps from anywhere in the shard, not again from its first records
+    shuffle_buffer: int = 10000
 
     def __iter__(self):
         self.report = LoadReport()
@@ -469,7 +474,7 @@ def _task_shard(
             yield rec
 
     desc = f"default tasks {[t for t, _, _ in group]}{label} ({split})"
-    return Shard(spec, "instructions", desc, factory)
+    return Shard(spec, "instructions", desc, factory, shuffle_buffer=sys.maxsize)
 
 
 def _local_shard(spec: str, rest: str, data_dir, split: str, on_error: str) -> Shard:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -59,6 +60,18 @@ def _score(model, tokenizer, records: list[dict], device: str) -> dict[str, floa
     return score_records(model, tokenizer, records, EvalConfig(device=device, batch_size=32))
 
 
+def passes(batches: Callable[[int], Iterable[dict]], seed: int) -> Iterator[dict]:
+    """Pass after pass over a shard, each shuffled anew (``batches(seed + pass)``); a shard with no
+    usable example is an error at once, not an endless search for a first batch."""
+    for n in itertools.count():
+        empty = True
+        for batch in batches(seed + n):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("the shard produced no training batch: it has no usable examples")
+
+
 def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
     hp = hyperparameters_for(task)
     tokenizer = load_tokenizer(ctx.version_dir)
@@ -69,7 +82,9 @@ def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
     s2s = Seq2SeqConfig(max_input_length=hp.max_input_length, max_target_length=hp.max_target_length)
 
     def batches(seed: int):
-        return instruction_batches(train_shard, tokenizer, hp.batch_size, s2s, seed=seed)
+        return instruction_batches(
+            train_shard, tokenizer, hp.batch_size, s2s, seed=seed, buffer_size=train_shard.shuffle_buffer
+        )
 
     base = load_seq2seq(ctx.version_dir, ctx.device, load_in_4bit=hp.load_in_4bit)
     ctx.progress.update(phase="evaluating")
@@ -85,9 +100,11 @@ def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
         if step % 10 == 0 or step == hp.steps:
             log.info("step %d/%d loss %.4f (%.1f samples/s)", step, hp.steps, loss, samples_per_s)
 
-    # A fresh shuffle per pass over the shard: the epoch number seeds it.
-    epochs = (batch for epoch in itertools.count() for batch in batches(hp.seed + epoch))
-    train_metrics = train(model, epochs, hp, ctx.device, on_step=on_step, should_stop=ctx.cancel.is_set)
+    epochs = passes(batches, hp.seed)
+    try:
+        train_metrics = train(model, epochs, hp, ctx.device, on_step=on_step, should_stop=ctx.cancel.is_set)
+    finally:
+        epochs.close()  # its shuffle buffer goes before the statistics' passes fill theirs
     train_seconds = time.monotonic() - started
     ctx.progress.update(phase="evaluating")
     after = _score(model, tokenizer, val_records, ctx.device)

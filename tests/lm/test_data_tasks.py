@@ -128,6 +128,7 @@ def test_local_and_corpus_shards(tmp_path):
     assert sorted(sum(splits.values(), []), key=lambda q: int(q[1:])) == [f"q{i}" for i in range(400)]
     assert all(20 <= len(splits[s]) <= 60 for s in ("validation", "test"))
     whole = splits["train"]
+    assert resolve_shard("local", data).shuffle_buffer <= 10000
     parts = [[r["inputs"] for r in resolve_shard(f"local:{i}-of-3", data)] for i in range(3)]
     assert sorted(sum(parts, [])) == sorted(whole) and parts[1] == whole[1::3]
     # The split is a property of the record: another file order or more data does not move it.
@@ -156,6 +157,8 @@ def test_default_shards_partition_seen_tasks(lm_cache):
         assert not set(HELDOUT_TASKS) & set(names)
     counts = [len(list(resolve_shard(f"default:{i}-of-15", cache_dir=lm_cache))) for i in range(15)]
     assert sum(counts) == len(SEEN_TASKS) * TaskConfig().train_per_task
+    # In memory already: a seeded pass shuffles the whole shard, where a local one streams a window.
+    assert resolve_shard("default:0-of-1", cache_dir=lm_cache).shuffle_buffer >= sum(counts)
     shard = resolve_shard("default:task=add,uppercase", cache_dir=lm_cache)
     assert {r["task_name"] for r in shard} == {"add", "uppercase"}
     with pytest.raises(ValueError, match="held out"):

@@ -97,3 +97,18 @@ def test_bad_round_options_fail_before_training():
         hyperparameters_for(pb.FusionTask(hyperparameters_json="[1]"))
     with pytest.raises(ValueError, match="unknown statistics"):
         hyperparameters_for(pb.FusionTask(statistics=["hessian"]))
+
+
+def test_passes_reshuffle_each_pass_and_an_empty_shard_fails_at_once():
+    from coldswarm.worker.fusion_job import passes
+
+    seeds = []
+
+    def batches(seed):
+        seeds.append(seed)
+        return [f"{seed}a", f"{seed}b"]
+
+    got = passes(batches, 5)
+    assert [next(got) for _ in range(5)] == ["5a", "5b", "6a", "6b", "7a"] and seeds == [5, 6, 7]
+    with pytest.raises(ValueError, match="no training batch"):
+        next(passes(lambda seed: [], 0))
