@@ -10,7 +10,7 @@ module              what it holds
 ``channel``         the gRPC channel to a coordinator (options, TLS) and bearer metadata
 ``rpc_errors``      which status codes mean "the coordinator is away" (retry) and error text
 ``fetch``           resumable, sha256-checked download of a version's files
-``manifest``        the version manifest's file name
+``manifest``        the version manifest's file name, the evaluator's protocol entry
 ``hashing``         sha256 of files (whole or a prefix)
 ``durable``         fsync of files and directories, atomic writes (also owner-only, 0600)
 ``signals``         stop-signal handlers that forked children do not inherit

@@ -1,4 +1,5 @@
-"""The name of a version's manifest file, the one name every part that writes, reads or skips it uses.
+"""The name of a version's manifest file, the one name every part that writes, reads or skips it uses,
+and the name of its metrics' protocol entry.
 
 A version directory holds the model's files plus this JSON manifest (sha256 per file, parent, round,
 method, contributions, evaluation metrics; ``docs/INTERFACES.md``). It describes exactly one version, so

@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "fusion_lr": 3e-4,
         "fusion_batch_size": 32,
         "round_timeout_s": 2400.0,
-        # 48 test examples per task: quick's 12 cannot tell 0.30 from 0.25 (one answer is 0.08).
+        # 48 distinct test questions per task: quick's 12 cannot tell 0.30 from 0.25 (one answer is 0.08).
         "evaluator": "coldswarm.lm.evaluate:evaluate_standard",
     },
 }

@@ -115,6 +115,8 @@ def distinct_questions(records: list[dict], n: int) -> list[dict]:
     repeat again weights that one answer twice, so a score over repeats measures luck on a few
     questions, not the task. Fewer than ``n`` when the split has fewer distinct questions."""
     seen, out = set(), []
+    if n <= 0:
+        return out
     for r in records:
         if question_of(r) not in seen:
             seen.add(question_of(r))
@@ -203,11 +205,7 @@ def score_records(model, tokenizer, records: list[dict], config: EvalConfig) -> 
             )
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         correct += sum(t.strip() == r["targets"].strip() for t, r in zip(texts, chunk, strict=True))
-    return {
-        "exact_match": correct / max(len(records), 1),
-        "token_loss": loss_sum / max(count, 1),
-        "questions": len(records),
-    }
+    return {"exact_match": correct / max(len(records), 1), "token_loss": loss_sum / max(count, 1)}
 
 
 def finetune(model, tokenizer, records: list[dict], config: EvalConfig):
@@ -246,7 +244,7 @@ def evaluate_model(model, tokenizer, config: EvalConfig | None = None, cache_dir
         recs = distinct_questions(
             load_task_split(task, "test", cache_dir=cache_dir), config.seen_examples_per_task
         )
-        seen[task] = score_records(model, tokenizer, recs, config)
+        seen[task] = {**score_records(model, tokenizer, recs, config), "questions": len(recs)}
     heldout, before = {}, {}
     if config.heldout_tasks:
         tests = {
@@ -260,7 +258,7 @@ def evaluate_model(model, tokenizer, config: EvalConfig | None = None, cache_dir
             before[t] = score_records(model, tokenizer, recs, config)["exact_match"]
         tuned = finetune(model, tokenizer, train, config) if config.heldout_finetune_steps > 0 else model
         for t, recs in tests.items():
-            heldout[t] = score_records(tuned, tokenizer, recs, config)
+            heldout[t] = {**score_records(tuned, tokenizer, recs, config), "questions": len(recs)}
         del tuned
     mean = lambda xs: float(np.mean(xs)) if xs else math.nan  # noqa: E731
     return {
@@ -281,7 +279,15 @@ def evaluate_model(model, tokenizer, config: EvalConfig | None = None, cache_dir
 def protocol(config: EvalConfig) -> str:
     """A fingerprint of what :func:`evaluate_model` measures under ``config``: this module, the task
     files and the corpus it scores on. Two versions' scores compare only under one protocol."""
-    return content_hash(Path(__file__), tasks_key(TaskConfig()), corpus_key(CorpusConfig()), asdict(config))
+    here = Path(__file__).parent
+    return content_hash(
+        Path(__file__),
+        here / "batching.py",  # truncation and padding: the token loss
+        here / "mod.py",  # the masks: the MoD loss
+        tasks_key(TaskConfig()),
+        corpus_key(CorpusConfig()),
+        asdict(config),  # all of it, device included: a GPU's numerics differ in the last digits
+    )
 
 
 def evaluate_version(

@@ -107,7 +107,7 @@ def test_a_task_is_scored_on_distinct_questions(lm_cache):
     picked = distinct_questions(records, 48)
     assert {question_of(r) for r in picked} == questions and len(picked) == len(questions)
     assert picked[0] == records[0] and all(r in records for r in picked)
-    assert distinct_questions(records, 3) == picked[:3]
+    assert distinct_questions(records, 3) == picked[:3] and distinct_questions(records, 0) == []
     shot = {"inputs": "Past tense: go\nwent\n\nWhat is the past tense of see?", "targets": "saw"}
     assert question_of(shot) == "What is the past tense of see?"
     assert question_of({"inputs": "red blue\nReversed:"}) == "red blue\nReversed:"
