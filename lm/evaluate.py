@@ -82,8 +82,8 @@ class EvalConfig:
     @classmethod
     def standard(cls) -> EvalConfig:
         """48 distinct test questions per seen and per held-out task (quick's 12 move a task's exact match
-        by 0.08 an answer; here 0.02; the lexicon tasks have fewer: past_tense and next_item 5, plural 19,
-        antonym 20, spell_number 33), for gating and reporting on targets near a threshold."""
+        by 0.08 an answer; here 0.02; the lexicon tasks have fewer: past_tense 5, plural 19, antonym 20,
+        spell_number 33), for gating and reporting on targets near a threshold."""
         return cls(seen_examples_per_task=48, heldout_examples_per_task=48)
 
     @classmethod

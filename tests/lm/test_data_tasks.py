@@ -18,6 +18,7 @@ from coldswarm.lm.data import (
     iter_instruction_file,
     resolve_shard,
 )
+from coldswarm.lm.evaluate import question_of
 from coldswarm.lm.tasks import HELDOUT_TASKS, SEEN_TASKS, TASKS, TaskConfig, generate_split, instance_split
 
 KEYS = {"inputs", "targets", "task_name", "template_type"}
@@ -237,3 +238,21 @@ def test_the_reverse_add_and_uppercase_tasks_draw_what_the_readme_asks():
 
 def _numbers(record):
     return [t.strip("?.=") for t in record["inputs"].split() if t.strip("?.=").isdigit()]
+
+
+def test_the_held_out_tasks_compose_what_seen_tasks_teach():
+    from coldswarm.lm.lexicon import load_lexicon, number_to_words
+
+    plurals = load_lexicon()["nouns"]
+    cfg = TaskConfig(train_per_task=0, validation_per_task=0, test_per_task=60)
+    for r in generate_split("sum_in_words", "test", cfg):
+        a, b = map(int, re.findall(r"\d+", question_of(r)))
+        assert r["targets"] == number_to_words(a + b)  # add, then spell_number
+    for r in generate_split("plural_list", "test", cfg):
+        words = question_of(r).split(": ")[-1].split("\n")[0].split()
+        assert 2 <= len(words) <= 3 and r["targets"] == " ".join(plurals[w] for w in words)
+    # Big enough to score 48 distinct questions each, and none is a yes/no that chance answers half the time.
+    for name in HELDOUT_TASKS:
+        records = list(generate_split(name, "test", TaskConfig()))
+        assert len({question_of(r) for r in records}) >= 48
+        assert len({r["targets"] for r in records}) > 10
