@@ -268,8 +268,8 @@ TASKS: dict[str, Task] = {
 }
 #: Never in a training shard; evaluation finetunes on them briefly ("better starting point"). Each
 #: composes what seen tasks teach: max_number the order sort_numbers learns, sum_in_words add then
-#: spell_number, plural_list plural over a word list. (Until stop 24: next_item, 5 distinct test
-#: questions on day and month order no seen task teaches, and compare, a yes/no whose chance is 0.5.)
+#: spell_number, plural_list plural over a word list. They replace next_item (5 distinct test
+#: questions, on day and month order no seen task teaches) and compare (a yes/no, half right by chance).
 HELDOUT_TASKS: tuple[str, ...] = ("max_number", "sum_in_words", "plural_list")
 SEEN_TASKS: tuple[str, ...] = tuple(sorted(n for n in TASKS if n not in HELDOUT_TASKS))
 
