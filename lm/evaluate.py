@@ -118,8 +118,9 @@ def distinct_questions(records: list[dict], n: int) -> list[dict]:
     if n <= 0:
         return out
     for r in records:
-        if question_of(r) not in seen:
-            seen.add(question_of(r))
+        question = question_of(r)
+        if question not in seen:
+            seen.add(question)
             out.append(r)
             if len(out) == n:
                 break

@@ -15,6 +15,7 @@ largest contribution.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -64,11 +65,12 @@ def lr_at(step: int, hp: FusionHyperparameters) -> float:
     return hp.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def cycle(batches: Iterable[dict]) -> Iterator[dict]:
-    """Repeat a finite batch source for as many steps as asked."""
-    while True:
+def passes(batches: Callable[[int], Iterable[dict]], seed: int = 0) -> Iterator[dict]:
+    """Pass after pass over a finite batch source, ``batches(seed + pass)`` each (a fresh shuffle per pass,
+    when the source is seeded); a source with no batch is an error at once, not an endless search."""
+    for n in itertools.count():
         empty = True
-        for batch in batches:
+        for batch in batches(seed + n):
             empty = False
             yield batch
         if empty:
@@ -96,7 +98,7 @@ def train(
     optimizer = make_optimizer(model.parameters(), device, lr=hp.lr, weight_decay=hp.weight_decay)
     recent: list[float] = []
     examples = 0
-    source = cycle(batches)
+    source = passes(lambda _pass: batches)
     for step in range(hp.steps):
         if should_stop is not None and should_stop():
             from coldswarm.worker.jobs import Cancelled

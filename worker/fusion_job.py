@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -35,7 +34,7 @@ from coldswarm.lm.evaluate import EvalConfig, score_records
 from coldswarm.lm.tokenizer import load_tokenizer
 from coldswarm.proto import coldswarm_pb2 as pb
 from coldswarm.worker.devices import load_seq2seq
-from coldswarm.worker.finetune import attach_adapter, train
+from coldswarm.worker.finetune import attach_adapter, passes, train
 from coldswarm.worker.jobs import JobContext, JobResult
 
 log = logging.getLogger(__name__)
@@ -58,18 +57,6 @@ def _score(model, tokenizer, records: list[dict], device: str) -> dict[str, floa
     if not records:
         return {}
     return score_records(model, tokenizer, records, EvalConfig(device=device, batch_size=32))
-
-
-def passes(batches: Callable[[int], Iterable[dict]], seed: int) -> Iterator[dict]:
-    """Pass after pass over a shard, each shuffled anew (``batches(seed + pass)``); a shard with no
-    usable example is an error at once, not an endless search for a first batch."""
-    for n in itertools.count():
-        empty = True
-        for batch in batches(seed + n):
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the shard produced no training batch: it has no usable examples")
 
 
 def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:

@@ -100,7 +100,7 @@ def test_bad_round_options_fail_before_training():
 
 
 def test_passes_reshuffle_each_pass_and_an_empty_shard_fails_at_once():
-    from coldswarm.worker.fusion_job import passes
+    from coldswarm.worker.finetune import passes
 
     seeds = []
 
