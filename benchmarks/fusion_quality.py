@@ -52,9 +52,10 @@ from pathlib import Path
 
 import torch
 
+from coldswarm.common.signals import install_stop_handler
 from coldswarm.fusion.merge import merge_checkpoints
 from coldswarm.lm.default import build_default_version
-from coldswarm.lm.evaluate import EvalConfig, evaluate_model, score_records
+from coldswarm.lm.evaluate import EvalConfig, distinct_questions, evaluate_model, score_records
 from coldswarm.lm.model import load_model
 from coldswarm.lm.tasks import SEEN_TASKS, load_task_split
 from coldswarm.lm.tokenizer import load_tokenizer
@@ -72,6 +73,8 @@ MERGE_METHODS: list[tuple[str, str, dict]] = [
 ]
 #: The shard of the whole seen-task pool: one group of every task.
 POOLED_SHARD = "default:0-of-1"
+#: How long a stopped benchmark waits for its ``coldswarm-local`` to stop its own children.
+CHILD_STOP_TIMEOUT_S = 60.0
 
 
 def pretrain_base(work: Path, epochs: int) -> Path:
@@ -82,10 +85,21 @@ def pretrain_base(work: Path, epochs: int) -> Path:
     cmd = [str(cli), "--run-dir", str(run_dir), "--fusion-rounds", "0", "--pretrain-epochs", str(epochs)]
     print(f"pretraining the base: {' '.join(cmd)}", flush=True)
     started = time.monotonic()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        sys.exit(f"coldswarm-local failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    print(out.stdout.strip().split("\n\nlatest version")[0], flush=True)
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = child.communicate()
+    finally:
+        # Stopped here (Ctrl-C, SIGTERM): SIGTERM lets coldswarm-local stop its coordinator and workers;
+        # subprocess.run's SIGKILL would orphan them.
+        if child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(timeout=CHILD_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    if child.returncode != 0:
+        sys.exit(f"coldswarm-local failed ({child.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    print(stdout.strip().split("\n\nlatest version")[0], flush=True)
     versions = sorted(run_dir.glob("coldswarm-v*"), key=lambda p: int(p.name.rsplit("v", 1)[1]))
     if not versions or versions[-1].name == "coldswarm-v0":
         sys.exit("coldswarm-local published no pretrained version (its gate held the round back?)")
@@ -126,7 +140,10 @@ def scores(model_dir: Path, tasks: list[str], n: int) -> tuple[float, float]:
     """Mean exact match and mean token loss over ``tasks`` (``n`` test examples each)."""
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     config = EvalConfig(batch_size=32)
-    per_task = [score_records(model, tok, load_task_split(t, "test")[:n], config) for t in tasks]
+    # The evaluator's own choice of records: n distinct questions (a lexicon task's first n repeat some).
+    per_task = [
+        score_records(model, tok, distinct_questions(load_task_split(t, "test"), n), config) for t in tasks
+    ]
     em = sum(s["exact_match"] for s in per_task) / len(per_task)
     return em, sum(s["token_loss"] for s in per_task) / len(per_task)
 
@@ -284,6 +301,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the temporary directory and any child are cleaned up.
+    install_stop_handler(lambda signum: sys.exit(128 + signum))
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
