@@ -137,7 +137,7 @@ def group_tasks(n: int) -> list[list[str]]:
 
 
 def scores(model_dir: Path, tasks: list[str], n: int) -> tuple[float, float]:
-    """Mean exact match and mean token loss over ``tasks`` (``n`` test examples each)."""
+    """Mean exact match and mean token loss over ``tasks`` (``n`` distinct test questions each)."""
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     config = EvalConfig(batch_size=32)
     # The evaluator's own choice of records: n distinct questions (a lexicon task's first n repeat some).
@@ -276,7 +276,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4, help="0: the worker's default for the PEFT method")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--fisher-examples", type=int, default=32)
-    p.add_argument("--examples", type=int, default=16, help="test examples per task")
+    p.add_argument(
+        "--examples", type=int, default=16, help="distinct test questions per task (held-out tasks too)"
+    )
     p.add_argument("--heldout-steps", type=int, default=30, help="the short finetune on held-out tasks")
     p.add_argument("--cold-method", default="average")
     p.add_argument(
