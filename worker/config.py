@@ -59,6 +59,12 @@ class WorkerConfig:
         "slower",
         metavar="N",
     )
+    cpu_bf16: bool = _flag(
+        False,
+        "finetune in bf16 autocast on a CPU that computes bf16 natively (AVX512-BF16 or AMX, e.g. Zen 4, "
+        "Sapphire Rapids): about 1.6x fp32's steps per second; ignored, with a warning, on any other CPU",
+        action="store_true",
+    )
     ca_file: Path | None = _flag(None, "CA certificate when the coordinator serves TLS")
     max_assignments: int = _flag(0, "exit after N assignments (default: never)")
     exit_when_idle_s: float = _flag(

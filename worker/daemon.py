@@ -58,6 +58,22 @@ FINAL_UPLOAD_CODES = frozenset(
 )
 
 
+def _cpu_bf16(asked: bool, device: str) -> bool:
+    """``--cpu-bf16`` where it helps: on a CPU device that computes bf16 natively; a warning elsewhere."""
+    if not asked:
+        return False
+    from coldswarm.worker.devices import cpu_bf16_supported
+
+    if device != "cpu":
+        log.warning("--cpu-bf16 ignored: training runs on %s (bf16 there follows the device)", device)
+        return False
+    if not cpu_bf16_supported():
+        log.warning("--cpu-bf16 ignored: this CPU has neither AVX512-BF16 nor AMX, so bf16 would be emulated")
+        return False
+    log.info("finetuning in bf16 autocast on this CPU (--cpu-bf16)")
+    return True
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, stop: threading.Event | None = None):
         self.config = config
@@ -65,6 +81,7 @@ class Worker:
         self.cancel = threading.Event()
         self.progress = Progress(show_bar=interactive())
         self.device = resolve_device(config.device)
+        self.cpu_bf16 = _cpu_bf16(config.cpu_bf16, self.device)
         self.work_dir = Path(config.work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.cache = VersionCache(self.work_dir / "cache")
@@ -242,6 +259,7 @@ class Worker:
                     timeout=30,
                 ),
                 on_bad_record="raise" if self.config.strict_data else "skip",
+                cpu_bf16=self.cpu_bf16,
             )
             result = self._run_job(kind, ctx)
             if result.payload is not None:

@@ -88,8 +88,10 @@ def train(
     device: str,
     on_step: StepCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
+    cpu_bf16: bool = False,
 ) -> dict[str, float]:
     """Train for ``hp.steps`` optimizer steps; stops between steps when ``should_stop()`` says so.
+    ``cpu_bf16``: forward and backward in bf16 on a CPU that computes it natively (:func:`autocast`).
 
     Returns ``{"train_loss": mean loss of the last 10 steps, "train_examples": examples seen}``.
     """
@@ -108,7 +110,7 @@ def train(
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, hp)
-        with autocast(device):
+        with autocast(device, cpu_bf16):
             loss = model(**batch).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower lr (now {hp.lr})")

@@ -89,7 +89,15 @@ def run_fusion_job(ctx: JobContext, task: pb.FusionTask) -> JobResult:
 
     epochs = passes(batches, hp.seed)
     try:
-        train_metrics = train(model, epochs, hp, ctx.device, on_step=on_step, should_stop=ctx.cancel.is_set)
+        train_metrics = train(
+            model,
+            epochs,
+            hp,
+            ctx.device,
+            on_step=on_step,
+            should_stop=ctx.cancel.is_set,
+            cpu_bf16=ctx.cpu_bf16,
+        )
     finally:
         epochs.close()  # its shuffle buffer goes before the statistics' passes fill theirs
     train_seconds = time.monotonic() - started

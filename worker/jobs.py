@@ -42,6 +42,8 @@ class JobContext:
     swarm_credential: Callable[[bytes], pb.SwarmCredential] | None = None
     """``public_key -> SwarmCredential``: asks the coordinator to admit this worker's peer to the assignment's
     swarm (one ``GetSwarmCredential`` call, no retries)."""
+    cpu_bf16: bool = False
+    """Finetune in bf16 autocast on a CPU that computes bf16 natively (``--cpu-bf16``)."""
     on_bad_record: str = "skip"
     """A malformed record in ``data_dir``: "skip" it (logged with its file and line) or "raise" (the
     assignment fails, naming it)."""

@@ -4,7 +4,8 @@ import pytest
 import torch
 from support import save_tiny_t5
 
-from coldswarm.worker.devices import autocast, load_seq2seq, make_optimizer
+from coldswarm.worker import daemon
+from coldswarm.worker.devices import autocast, cpu_bf16_supported, load_seq2seq, make_optimizer
 
 #: a gated-GELU T5 with untied embeddings, like the embedded default's (what the device paths must load)
 DEVICE_T5 = dict(
@@ -40,6 +41,44 @@ def test_cpu_uses_fp32_and_torch_adamw(tmp_path):
     opt, loss = train_step(model, "cpu")
     assert isinstance(opt, torch.optim.AdamW)
     assert torch.isfinite(loss)
+
+
+def test_cpu_bf16_computes_in_bf16_where_native_and_fp32_elsewhere():
+    a, b = torch.randn(4, 8), torch.randn(8, 4)
+    with autocast("cpu"):
+        assert (a @ b).dtype == torch.float32  # not asked: fp32
+    with autocast("cpu", cpu_bf16=True):
+        out = a @ b
+    assert out.dtype == (torch.bfloat16 if cpu_bf16_supported() else torch.float32)
+
+
+@pytest.mark.skipif(not cpu_bf16_supported(), reason="this CPU has neither AVX512-BF16 nor AMX")
+def test_cpu_bf16_training_keeps_fp32_weights_and_lowers_the_loss(tmp_path):
+    model = load_seq2seq(tiny_t5(tmp_path), "cpu")
+    opt = make_optimizer(model.parameters(), "cpu", lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "input_ids": torch.randint(2, 128, (4, 8), generator=g),
+        "labels": torch.randint(2, 128, (4, 4), generator=g),
+    }
+    losses = []
+    for _ in range(20):
+        with autocast("cpu", cpu_bf16=True):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cpu_bf16_flag_applies_only_to_a_native_cpu(monkeypatch):
+    assert daemon._cpu_bf16(False, "cpu") is False
+    assert daemon._cpu_bf16(True, "cuda") is False  # CUDA follows its own bf16 rule
+    assert daemon._cpu_bf16(True, "cpu") is cpu_bf16_supported()
+    monkeypatch.setattr("coldswarm.worker.devices.cpu_bf16_supported", lambda: False)
+    assert daemon._cpu_bf16(True, "cpu") is False
 
 
 def test_4bit_needs_cuda(tmp_path):
