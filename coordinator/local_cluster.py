@@ -156,6 +156,15 @@ class LocalClusterConfig:
             },
         }
 
+    def worker_flags(self, index: int) -> list[str]:
+        """The ``join-swarm`` flags of worker ``index`` beyond :func:`worker_command`'s."""
+        # Workers train at the same time: more threads than cores make them wait on descheduled siblings
+        # (benchmarks/cpu_threads.py: a step 4x slower beside one busy process). Each gets its share.
+        threads = max(1, (os.cpu_count() or 1) // self.workers)
+        # hivemind peers on loopback only, like everything else of the local cluster
+        flags = [f"--name=local-{index}", "--swarm-listen=/ip4/127.0.0.1/tcp/0", f"--cpu-threads={threads}"]
+        return flags + (["--cpu-bf16"] if self.cpu_bf16 else [])
+
     def pretrain_options(self) -> dict:
         """A pretrain round's options: swarm epochs and batch, plus the workers' MoD and hivemind settings."""
         return {
@@ -296,19 +305,10 @@ class LocalCluster:
         )
         self._wait_for_coordinator()
         print(f"status page: {self.status_url} (lineage, round progress, the swarm's loss curve)", flush=True)
-        # Workers train at the same time: more threads than cores make them wait on descheduled siblings
-        # (benchmarks/cpu_threads.py: a step 4x slower beside one busy process). Each gets its share.
-        threads = max(1, (os.cpu_count() or 1) // cfg.workers)
         for i in range(cfg.workers):
             self._spawn(
                 worker_command(
-                    self.address,
-                    cfg.join_token_file,
-                    cfg.run_dir / f"worker-{i}",
-                    "cpu",
-                    # hivemind peers on loopback only, like everything else of the local cluster
-                    [f"--name=local-{i}", "--swarm-listen=/ip4/127.0.0.1/tcp/0", f"--cpu-threads={threads}"]
-                    + (["--cpu-bf16"] if cfg.cpu_bf16 else []),
+                    self.address, cfg.join_token_file, cfg.run_dir / f"worker-{i}", "cpu", cfg.worker_flags(i)
                 ),
                 f"worker-{i}",
             )

@@ -59,3 +59,17 @@ def test_fusion_shards_name_shards_the_coordinator_accepts_and_a_worker_resolves
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_each_preset_names_an_evaluator_the_coordinator_loads(preset):
     assert callable(load_evaluator(parse_config(["--preset", preset]).evaluator))
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_presets_workers_get_flags_join_swarm_parses(preset):
+    from pathlib import Path
+
+    from coldswarm.coordinator.local_cluster import worker_command
+    from coldswarm.worker import cli as worker_cli
+
+    config = parse_config(["--preset", preset])
+    argv = worker_command("h:1", Path("/t"), Path("/w"), "cpu", config.worker_flags(1))
+    args = worker_cli.build_parser().parse_args(argv[1:])
+    assert (args.name, args.cpu_bf16) == ("local-1", config.cpu_bf16)
+    assert args.cpu_threads >= 1
