@@ -2,8 +2,9 @@
 
 CPU (the default, and what CI tests): fp32 and ``torch.optim.AdamW``; with ``cpu_bf16``, bf16 autocast
 where the CPU computes bf16 natively (AVX512-BF16 or AMX). On one Zen 4 core a ``tiny`` full-finetuning
-step at batch 32 took 0.75 s in bf16 against 1.24 s in fp32; a CPU without those instructions would
-emulate bf16, slower than fp32, so there it stays fp32.
+step at batch 32 took 0.75 s in bf16 against 1.27 s in fp32, to the same validation loss
+(``benchmarks/cpu_bf16.py``); a CPU without those instructions would emulate bf16, slower than fp32, so
+there it stays fp32.
 CUDA: bf16 autocast where the GPU supports it, ``bitsandbytes`` 8-bit AdamW (a
 quarter of AdamW's state memory), and, for QLoRA-style shards where GPU memory
 is short, the base loaded in 4-bit NF4 with LoRA adapters trained on top. The
